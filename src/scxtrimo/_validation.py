@@ -1,0 +1,45 @@
+"""Checks on expression matrices, with errors that name the problem and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def matrix_values(X) -> np.ndarray:
+    """The stored values of a dense or sparse matrix as a flat array (no copy for sparse)."""
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    return np.asarray(X).ravel()
+
+
+def check_finite_nonnegative(X, *, what: str = "adata.X") -> None:
+    """Raise ``ValueError`` if ``X`` has negative, NaN or infinite values.
+
+    Scaled (z-scored) data, the usual cause of negative values, cannot be turned back into
+    counts; the fix is to pass the raw counts (often in ``adata.raw`` or ``adata.layers``).
+    """
+    values = matrix_values(X)
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        n_bad = int((~np.isfinite(values)).sum())
+        raise ValueError(
+            f"{what} has {n_bad} NaN or infinite values. Expression must be finite counts; "
+            "remove or impute them before calling scxtrimo."
+        )
+    if values.min() < 0:
+        n_neg = int((values < 0).sum())
+        raise ValueError(
+            f"{what} has {n_neg} negative values (minimum {values.min():.3g}): it looks scaled or "
+            "batch-corrected. scxtrimo needs raw counts (or library-size normalized values); pass "
+            "them, e.g. from `adata.raw.to_adata()` or a `layers['counts']` layer."
+        )
+
+
+def is_integer_valued(X, *, tol: float = 1e-3) -> bool:
+    """True if every stored value is within ``tol`` of an integer."""
+    values = matrix_values(X)
+    if values.size == 0:
+        return True
+    return bool(np.all(np.abs(values - np.rint(values)) <= tol))

@@ -1,0 +1,101 @@
+"""The data path to the encoder: expressed genes of each cell, padded into length buckets.
+
+The encoder only ever sees a cell's non-zero genes (paper appendix 2). Cells are grouped by
+their number of expressed genes so that a batch wastes little compute on [PAD] tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class TokenBatch(NamedTuple):
+    """Padded encoder input for ``B`` cells of at most ``L`` expressed genes.
+
+    genes : ``(B, L)`` int64 reference gene index (0 at padding).
+    values : ``(B, L)`` float32 log1p CP10k expression (0 at padding).
+    valid : ``(B, L)`` bool, True at real tokens, False at [PAD].
+    """
+
+    genes: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "TokenBatch":
+        return TokenBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.valid.sum())
+
+
+def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray) -> TokenBatch:
+    """Pad the stored (non-zero) entries of ``X[rows]`` into a :class:`TokenBatch`.
+
+    ``X`` must be CSR with sorted indices, explicit zeros removed; each row's genes stay in
+    reference order.
+    """
+    indptr = X.indptr
+    starts = indptr[rows].astype(np.int64)
+    lengths = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
+    n, width = len(rows), max(int(lengths.max(initial=0)), 1)
+    row_of = np.repeat(np.arange(n), lengths)
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    col_of = np.arange(row_of.size) - offsets
+    src = np.repeat(starts, lengths) + col_of
+    genes = np.zeros((n, width), dtype=np.int64)
+    values = np.zeros((n, width), dtype=np.float32)
+    valid = np.zeros((n, width), dtype=bool)
+    genes[row_of, col_of] = X.indices[src]
+    values[row_of, col_of] = X.data[src]
+    valid[row_of, col_of] = True
+    return TokenBatch(torch.from_numpy(genes), torch.from_numpy(values), torch.from_numpy(valid))
+
+
+def select_tokens(selected: torch.Tensor, values: torch.Tensor) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Gather the ``selected`` positions of dense ``(B, n)`` ``values`` into a TokenBatch.
+
+    Returns the batch and ``(rows, cols, pos)``: for every selected entry its cell, its gene and
+    its position in the padded sequence, to scatter encoder outputs back to full length.
+    """
+    rows, cols = selected.nonzero(as_tuple=True)
+    lengths = selected.sum(1)
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    b = selected.shape[0]
+    genes = torch.zeros(b, width, dtype=torch.long, device=values.device)
+    vals = torch.zeros(b, width, dtype=values.dtype, device=values.device)
+    valid = torch.zeros(b, width, dtype=torch.bool, device=values.device)
+    genes[rows, pos] = cols
+    vals[rows, pos] = values[rows, cols]
+    valid[rows, pos] = True
+    return TokenBatch(genes, vals, valid), (rows, cols, pos)
+
+
+def length_batches(lengths: np.ndarray, *, max_cells: int, max_tokens: int) -> list[np.ndarray]:
+    """Group cells of similar length: batches of row indices, longest-first order inside.
+
+    Cells are sorted by length (stable, so the grouping is deterministic) and cut greedily so
+    that ``cells x longest length <= max_tokens`` and ``cells <= max_cells``. A single cell
+    longer than ``max_tokens`` gets a batch of its own.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, min(max_cells, max_tokens // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Share of encoder tokens that are [PAD] under a given batching."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    total = sum(len(b) * max(int(lengths[b].max()), 1) for b in batches)
+    return 1.0 - real / total if total else 0.0

@@ -1,0 +1,95 @@
+"""Turn any supported AnnData into log1p CP10k blocks over the reference genes, streaming.
+
+This is the single input path of :func:`scxtrimo.tl.embed` and :func:`scxtrimo.tl.pretrain`:
+it never modifies the user's AnnData and never holds more than one block of cells in a new
+matrix, so backed (on-disk) AnnData works.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from .._reference import reference_genes
+from .._validation import check_finite_nonnegative
+from ..pp._align import GeneMapping, align_matrix, gene_mapping
+from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
+
+BLOCK_CELLS = 10_000
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """How an AnnData is read: which matrix, how its genes map, what its values are.
+
+    source : ``"X"`` or ``"layers['counts']"``.
+    mapping : gene mapping to the reference list, or ``None`` when the data is already aligned.
+    kind : ``"counts"``, ``"log1p"``, ``"normalized"``, or ``"prepared"`` (log1p CP10k on the
+        reference genes, as written by :func:`scxtrimo.pp.normalize` after ``align_genes``).
+    n_matched : reference genes present in the input.
+    """
+
+    adata: ad.AnnData
+    source: str
+    mapping: GeneMapping | None
+    kind: str
+    n_matched: int
+
+    def matrix(self):
+        return self.adata.X if self.source == "X" else self.adata.layers["counts"]
+
+
+def _is_aligned(adata: ad.AnnData) -> bool:
+    ref = reference_genes()
+    return adata.n_vars == len(ref) and bool((adata.var_names == ref).all())
+
+
+def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> PreparedInput:
+    """Decide how to read ``adata``; raises the alignment/validation errors up front."""
+    if adata.n_obs == 0:
+        raise ValueError("The AnnData has no cells (n_obs == 0).")
+    aligned = _is_aligned(adata) and gene_symbols is None
+    if aligned and is_xtrimo_normalized(adata):
+        return PreparedInput(adata, "X", None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
+    source = "layers['counts']" if "counts" in adata.layers else "X"
+    mapping = None
+    n_matched = len(reference_genes())
+    if not aligned:
+        names = adata.var_names if gene_symbols is None else adata.var[gene_symbols]
+        if gene_symbols is not None and gene_symbols not in adata.var:
+            raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of adata.var ({list(adata.var.columns)}).")
+        mapping = gene_mapping(names, reference_genes(), var=adata.var)
+        n_matched = mapping.n_matched
+    prep = PreparedInput(adata, source, mapping, "counts", n_matched)
+    first = prep.matrix()[: min(BLOCK_CELLS, adata.n_obs)]
+    what = "adata.X" if source == "X" else "adata.layers['counts']"
+    _, kind = to_counts(first, uns=adata.uns, what=what)
+    return PreparedInput(adata, source, mapping, kind, n_matched)
+
+
+def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int = BLOCK_CELLS) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes."""
+    M = prep.matrix()
+    n_ref = len(reference_genes())
+    what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
+    for start in range(0, prep.adata.n_obs, block_cells):
+        stop = min(start + block_cells, prep.adata.n_obs)
+        block = M[start:stop]
+        if prep.kind == "prepared":
+            check_finite_nonnegative(block, what=what)
+            out = sp.csr_matrix(block, dtype=np.float32)
+            out.eliminate_zeros()
+            out.sort_indices()
+        else:
+            if prep.mapping is not None:
+                block = align_matrix(block, prep.mapping, n_ref)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # already warned once in prepare_input
+                counts, _ = to_counts(block, kind=prep.kind, what=what, warn=False)
+            out = log1p_normalize(counts)
+        yield start, stop, out

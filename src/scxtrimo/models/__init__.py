@@ -1,0 +1,7 @@
+"""The xTrimoGene model, its configurations and checkpoints."""
+
+from ._config import CONFIGS, XTrimoGeneConfig, get_config
+from ._io import load
+from ._xtrimogene import XTrimoGene
+
+__all__ = ["XTrimoGene", "XTrimoGeneConfig", "CONFIGS", "get_config", "load"]

@@ -1,0 +1,94 @@
+"""Model configurations (paper appendix section 7, Table 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .._reference import N_GENES
+
+
+@dataclass(frozen=True)
+class XTrimoGeneConfig:
+    """Hyper-parameters of an xTrimoGene model.
+
+    Depth, heads and width of encoder and decoder are appendix Table 2. The paper does not give
+    feed-forward widths; ``enc_ff_mult``/``dec_ff_mult`` (hidden width = mult x dim) are chosen
+    so that each model's total parameter count, gene embedding included, lands within 15% of
+    its name (``tests/test_model.py`` checks this).
+
+    Attributes
+    ----------
+    n_genes
+        Vocabulary size: genes of the reference list (19,264).
+    n_bins
+        Auto-discretization bins ``b`` (section 3.3; 100 in the paper).
+    autobin_alpha
+        Mixing factor ``alpha`` of the auto-discretization residual (1.0 in the released model).
+    nb_features
+        Random features of the Performer decoder's softmax-kernel approximation; ``None`` uses
+        performer-pytorch's default ``dim_head * ln(dim_head)`` (266 for 64-wide heads). The
+        paper does not give it; ``xtrimo-3m`` uses 32, which halves its CPU training step.
+    """
+
+    name: str = "xtrimo-3m"
+    n_genes: int = N_GENES
+    enc_depth: int = 4
+    enc_heads: int = 2
+    enc_dim: int = 128
+    enc_ff_mult: int = 2
+    dec_depth: int = 2
+    dec_heads: int = 2
+    dec_dim: int = 128
+    dec_ff_mult: int = 2
+    n_bins: int = 100
+    autobin_alpha: float = 1.0
+    nb_features: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for prefix in ("enc", "dec"):
+            dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
+            if dim % heads:
+                raise ValueError(f"{prefix}_dim={dim} is not divisible by {prefix}_heads={heads}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> XTrimoGeneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown config fields {sorted(unknown)}; this checkpoint needs a newer scxtrimo.")
+        return cls(**d)
+
+
+CONFIGS: dict[str, XTrimoGeneConfig] = {
+    "xtrimo-3m": XTrimoGeneConfig(
+        name="xtrimo-3m", enc_depth=4, enc_heads=2, enc_dim=128, enc_ff_mult=2,
+        dec_depth=2, dec_heads=2, dec_dim=128, dec_ff_mult=2, nb_features=32,
+    ),
+    "xtrimo-10m": XTrimoGeneConfig(
+        name="xtrimo-10m", enc_depth=4, enc_heads=8, enc_dim=256, enc_ff_mult=4,
+        dec_depth=2, dec_heads=4, dec_dim=256, dec_ff_mult=2,
+    ),
+    "xtrimo-100m": XTrimoGeneConfig(
+        name="xtrimo-100m", enc_depth=12, enc_heads=12, enc_dim=768, enc_ff_mult=4,
+        dec_depth=6, dec_heads=8, dec_dim=512, dec_ff_mult=2,
+    ),
+}
+
+
+def get_config(config: str | XTrimoGeneConfig) -> XTrimoGeneConfig:
+    """Look up a named configuration, or pass a config object through."""
+    if isinstance(config, XTrimoGeneConfig):
+        return config
+    try:
+        return CONFIGS[config]
+    except KeyError:
+        raise ValueError(f"Unknown model configuration {config!r}; choose one of {sorted(CONFIGS)}.") from None

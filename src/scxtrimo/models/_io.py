@@ -1,0 +1,153 @@
+"""Checkpoints: a folder with ``config.json``, ``model.safetensors`` and ``genes.txt``.
+
+``genes.txt`` is the ordered gene list the gene embedding was trained on; loading refuses a
+checkpoint whose list differs from the package's reference list, or whose tensors do not match
+the configuration exactly (strict loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .._reference import reference_genes
+from ._config import XTrimoGeneConfig
+from ._xtrimogene import XTrimoGene
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GENES_FILE = "genes.txt"
+FORMAT_VERSION = 1
+
+#: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
+BUNDLED = {
+    "xtrimo-3m": None,  # filled in when the default checkpoint is published
+}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_ALIAS = ".proj_updater.instance."  # performer-pytorch keeps a second reference to its layers
+
+
+def canonical_state(model: XTrimoGene) -> dict:
+    """``state_dict`` without the aliases performer-pytorch's projection updater creates."""
+    return {k: v for k, v in model.state_dict().items() if _ALIAS not in k}
+
+
+def save(model: XTrimoGene, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, metadata: dict | None = None) -> Path:
+    """Write ``model`` to the folder ``path`` (created if missing); return the folder.
+
+    Floating-point tensors are stored as ``dtype`` (``torch.float16`` halves the size). Files
+    are written under temporary names and renamed, so an interrupted save never leaves a
+    half-written checkpoint behind.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in canonical_state(model).items()
+    }
+    config = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
+    if metadata:
+        config["metadata"] = metadata
+    tmp = {name: path / f".{name}.tmp" for name in (WEIGHTS_FILE, CONFIG_FILE, GENES_FILE)}
+    save_file(state, str(tmp[WEIGHTS_FILE]), metadata={"name": model.config.name, "format_version": str(FORMAT_VERSION)})
+    tmp[CONFIG_FILE].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp[GENES_FILE].write_text("\n".join(reference_genes()) + "\n")
+    for name, t in tmp.items():
+        os.replace(t, path / name)
+    return path
+
+
+def _bundled_dir(name: str) -> Path:
+    return Path(str(resources.files("scxtrimo.models").joinpath("checkpoints", name)))
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None]:
+    """Return ``(folder, name, expected sha256 or None)`` for a checkpoint name or folder."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p, p.name, None
+    if str(name_or_path) in BUNDLED:
+        return _bundled_dir(str(name_or_path)), str(name_or_path), BUNDLED[str(name_or_path)]
+    raise ValueError(
+        f"No checkpoint {str(name_or_path)!r}: it is neither a folder nor a known name. "
+        f"Known names: {sorted(BUNDLED)}; or pass the folder written by `model.save(path)`."
+    )
+
+
+def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, device: str | torch.device = "cpu") -> XTrimoGene:
+    """Load a pretrained xTrimoGene model by name or from a checkpoint folder.
+
+    Parameters
+    ----------
+    name_or_path
+        ``"xtrimo-3m"`` (bundled with the package, no download) or a folder written by
+        :meth:`XTrimoGene.save`.
+    device
+        Where to put the model. Weights are loaded as float32 whatever they were stored as.
+
+    Returns
+    -------
+    XTrimoGene
+        In eval mode, with ``checkpoint_name`` and ``checkpoint_sha256`` set.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; missing files; a ``model.safetensors`` whose sha256 differs from the
+        registry's; a gene list that differs from the 19,264-gene reference; tensors missing,
+        unexpected or of the wrong shape for the configuration.
+    """
+    folder, name, expected = resolve(name_or_path)
+    for f in (CONFIG_FILE, WEIGHTS_FILE, GENES_FILE):
+        if not (folder / f).is_file():
+            raise ValueError(f"Checkpoint folder {folder} lacks {f}; it is not an scxtrimo checkpoint.")
+    digest = sha256_file(folder / WEIGHTS_FILE)
+    if expected is not None and digest != expected:
+        raise ValueError(
+            f"Checkpoint {name!r}: {WEIGHTS_FILE} has sha256 {digest}, expected {expected}. The file is "
+            "corrupt or was replaced; reinstall scxtrimo (or delete the cached file to download it again)."
+        )
+    genes = (folder / GENES_FILE).read_text().split()
+    ref = reference_genes()
+    if genes != list(ref):
+        diff = next((i for i, (a, b) in enumerate(zip(genes, ref)) if a != b), min(len(genes), len(ref)))
+        raise ValueError(
+            f"Checkpoint {name!r} was trained on a different gene list ({len(genes)} genes, first "
+            f"difference at position {diff}) than this scxtrimo's {len(ref)}-gene reference; it cannot be used."
+        )
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    raw.pop("format_version", None)
+    metadata = raw.pop("metadata", {})
+    model = XTrimoGene(XTrimoGeneConfig.from_dict(raw))
+    state = load_file(str(folder / WEIGHTS_FILE))
+    own = canonical_state(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"Checkpoint {name!r} does not fit its configuration: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}."
+        )
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or any(_ALIAS not in k for k in result.missing_keys):
+        raise ValueError(f"Checkpoint {name!r} does not fit its configuration: {result}.")
+    model.checkpoint_name = name
+    model.checkpoint_sha256 = digest
+    model.metadata = metadata
+    return model.to(device).eval()

@@ -1,0 +1,44 @@
+"""Shared fixtures: the bundled pbmc3k and the real data sets in ``../shared/data``.
+
+``SCXTRIMO_SHARED_DATA`` may point at another copy of the shared data folder; tests that need a
+data set that is not there are skipped with the path they looked in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+import scxtrimo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("SCXTRIMO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def read_shared(name: str) -> ad.AnnData:
+    path = shared_data_dir() / name / f"{name}.h5ad"
+    if not path.exists():
+        pytest.skip(f"shared data set {name} not found at {path} (set SCXTRIMO_SHARED_DATA)")
+    return ad.read_h5ad(path)
+
+
+@pytest.fixture(scope="session")
+def pbmc3k_session() -> ad.AnnData:
+    return scxtrimo.datasets.pbmc3k()
+
+
+@pytest.fixture
+def pbmc3k(pbmc3k_session) -> ad.AnnData:
+    """A fresh copy for each test (tests may mutate it)."""
+    return pbmc3k_session.copy()
+
+
+@pytest.fixture(scope="session")
+def cellbench() -> ad.AnnData:
+    return read_shared("cellbench_lung_celllines")
