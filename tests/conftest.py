@@ -42,3 +42,20 @@ def pbmc3k(pbmc3k_session) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def cellbench() -> ad.AnnData:
     return read_shared("cellbench_lung_celllines")
+
+
+@pytest.fixture(scope="session")
+def pbmc3k_prepared(pbmc3k_session) -> ad.AnnData:
+    """pbmc3k aligned to the 19,264 reference genes and normalized to log1p CP10k."""
+    out = scxtrimo.pp.align_genes(pbmc3k_session, copy=True)
+    scxtrimo.pp.normalize(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A small architecture for fast training tests (the real 19,264 genes, narrow layers)."""
+    from scxtrimo.models import XTrimoGeneConfig
+
+    return XTrimoGeneConfig(name="tiny", enc_depth=2, enc_heads=2, enc_dim=32, enc_ff_mult=2,
+                            dec_depth=1, dec_heads=2, dec_dim=32, dec_ff_mult=2, nb_features=16)

@@ -99,3 +99,22 @@ def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     real = sum(int(lengths[b].sum()) for b in batches)
     total = sum(len(b) * max(int(lengths[b].max()), 1) for b in batches)
     return 1.0 - real / total if total else 0.0
+
+
+def sortish_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, chunk_batches: int = 64, drop_last: bool = True) -> list[np.ndarray]:
+    """One epoch of shuffled batches whose cells have similar numbers of expressed genes.
+
+    Cells are shuffled, cut into chunks of ``chunk_batches`` batches, sorted by length inside
+    each chunk and cut into batches; the batch order is shuffled again. Deep cells (thousands
+    of genes) then no longer pad a whole batch of shallow ones. ``drop_last`` drops each chunk's
+    incomplete last batch (training steps of equal size).
+    """
+    order = rng.permutation(len(lengths))
+    batches = []
+    span = batch_size * chunk_batches
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        stop = len(chunk) - batch_size + 1 if drop_last else len(chunk)
+        batches += [chunk[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]

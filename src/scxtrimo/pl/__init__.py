@@ -1,1 +1,6 @@
-"""placeholder"""
+"""Plots."""
+
+from ._embedding import embedding
+from ._loss import loss
+
+__all__ = ["embedding", "loss"]

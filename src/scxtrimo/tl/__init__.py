@@ -1,5 +1,8 @@
-"""Tools: embed cells, pretrain models."""
+"""Tools: embed cells, pretrain models, annotate cell types, evaluate clusterings."""
 
+from ._annotate import CellTypeClassifier, annotate
+from ._clustering import evaluate_clustering
+from ._embed import embed
 from ._pretrain import pretrain
 
-__all__ = ["pretrain"]
+__all__ = ["embed", "pretrain", "annotate", "CellTypeClassifier", "evaluate_clustering"]

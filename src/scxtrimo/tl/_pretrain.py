@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import rna_modality
 from .._device import autocast, resolve_device
+from ..data._batching import sortish_batches
 from ..data._masking import MaskingConfig, mask_values
 from ..data._prepare import iter_log1p_blocks, prepare_input
 from ..models._config import XTrimoGeneConfig
@@ -71,23 +72,6 @@ def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.1) -> fl
     if step < warmup:
         return (step + 1) / warmup
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def sortish_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, chunk_batches: int = 64) -> list[np.ndarray]:
-    """One epoch of shuffled batches whose cells have similar numbers of expressed genes.
-
-    Cells are shuffled, cut into chunks of ``chunk_batches`` batches, sorted by length inside
-    each chunk and cut into batches; the batch order is shuffled again. Deep cells (thousands
-    of genes) then no longer pad a whole batch of shallow ones.
-    """
-    order = rng.permutation(len(lengths))
-    batches = []
-    span = batch_size * chunk_batches
-    for start in range(0, len(order), span):
-        chunk = order[start : start + span]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def masked_loss(pred: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,399 @@
+"""Cell-type annotation by fine-tuning the xTrimoGene encoder (paper section 5.4.1, appendix 8.1).
+
+Encoder, max pooling over genes, one linear layer; trained on a stratified 8:1:1 split with
+early stopping on validation macro-F1.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn import metrics
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._anndata import package_version, rna_modality, xtrimo_uns
+from .._device import autocast, resolve_device
+from ..data._batching import csr_row_batch, length_batches, sortish_batches
+from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..models._io import load as load_model
+from ..models._xtrimogene import XTrimoGene
+from ._embed import resolve_model
+
+HEAD_FILE = "classifier.safetensors"
+CLASSES_FILE = "classes.json"
+
+
+class CellTypeClassifier(nn.Module):
+    """xTrimoGene encoder + max pooling + one linear layer (appendix 8.1).
+
+    Attributes
+    ----------
+    backbone : XTrimoGene
+        The (fine-tuned) model; only its encoder side is used.
+    head : torch.nn.Linear
+        ``d -> n_classes``.
+    classes : list of str
+        Class names in the order of the output columns.
+    freeze : str or int
+        How it was trained: ``"none"`` (whole encoder), ``"all"`` (linear probe) or ``k`` (last
+        ``k`` encoder layers trainable).
+    """
+
+    def __init__(self, backbone: XTrimoGene, classes: list[str], freeze="none", pooling: str = "max"):
+        super().__init__()
+        self.backbone = backbone
+        self.classes = [str(c) for c in classes]
+        self.head = nn.Linear(backbone.embedding_dim, len(self.classes))
+        self.freeze = freeze
+        self.pooling = pooling
+        self.summary: dict = {}
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.head(self.backbone.embed_cells(batch, self.pooling))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the backbone checkpoint plus ``classifier.safetensors`` and ``classes.json``."""
+        path = Path(path)
+        self.backbone.save(path / "backbone")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(path / HEAD_FILE))
+        meta = {"classes": self.classes, "freeze": self.freeze, "pooling": self.pooling,
+                "summary": self.summary, "base_model": self.backbone.checkpoint_name}
+        (path / CLASSES_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> CellTypeClassifier:
+        """Load a classifier written by :meth:`save`."""
+        path = Path(path)
+        if not (path / CLASSES_FILE).is_file() or not (path / HEAD_FILE).is_file():
+            raise ValueError(f"{path} is not a saved scxtrimo classifier (no {CLASSES_FILE} / {HEAD_FILE}).")
+        meta = json.loads((path / CLASSES_FILE).read_text())
+        backbone = load_model(path / "backbone")
+        backbone.checkpoint_name = meta.get("base_model") or backbone.checkpoint_name
+        clf = cls(backbone, meta["classes"], meta["freeze"], meta["pooling"])
+        clf.head.load_state_dict(load_file(str(path / HEAD_FILE)), strict=True)
+        clf.summary = meta.get("summary", {})
+        return clf.to(device).eval()
+
+
+# ---- data -----------------------------------------------------------------------------------
+def _collect(adata, gene_symbols):
+    prep = prepare_input(adata, gene_symbols=gene_symbols)
+    X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep)], format="csr")
+    empty = np.flatnonzero(np.diff(X.indptr) == 0)
+    if empty.size:
+        raise ValueError(
+            f"{empty.size} cells (e.g. {list(adata.obs_names[empty[:5]])}) express none of the reference "
+            "genes; remove them first, e.g. `sc.pp.filter_cells(adata, min_genes=1)`."
+        )
+    return X, prep
+
+
+def stratified_split(labels: np.ndarray, random_state: int = 0, fractions=(0.8, 0.1, 0.1)):
+    """Stratified 8:1:1 split of labelled cells; classes too small to split go to training.
+
+    Returns ``(split dict of index arrays, list of (class, n_cells) that were too small)``.
+    """
+    rng = np.random.default_rng(random_state)
+    parts = {"train": [], "validation": [], "test": []}
+    small = []
+    for c in pd.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 3:
+            small.append((str(c), len(idx)))
+            parts["train"].append(idx)
+            continue
+        n_val = max(1, int(round(fractions[1] * len(idx))))
+        n_test = max(1, int(round(fractions[2] * len(idx))))
+        parts["validation"].append(idx[:n_val])
+        parts["test"].append(idx[n_val : n_val + n_test])
+        parts["train"].append(idx[n_val + n_test :])
+    return {k: np.sort(np.concatenate(v)) if v else np.array([], dtype=int) for k, v in parts.items()}, small
+
+
+def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
+    bb = clf.backbone
+    for p in bb.parameters():
+        p.requires_grad = False
+    if freeze == "none":
+        for module in (bb.gene_embedding, bb.value_embedding, bb.encoder):
+            for p in module.parameters():
+                p.requires_grad = True
+        bb.pad_token.requires_grad = True
+    elif isinstance(freeze, int) and not isinstance(freeze, bool):
+        if not 0 <= freeze <= len(bb.encoder.blocks):
+            raise ValueError(f"freeze={freeze}: the encoder has {len(bb.encoder.blocks)} layers.")
+        for block in list(bb.encoder.blocks)[len(bb.encoder.blocks) - freeze :]:
+            for p in block.parameters():
+                p.requires_grad = True
+        for p in bb.encoder.norm.parameters():
+            p.requires_grad = freeze > 0
+    elif freeze != "all":
+        raise ValueError(f"freeze={freeze!r}: use 'none' (fine-tune all), 'all' (linear probe) or an int k (last k layers).")
+
+
+@torch.no_grad()
+def _predict_proba(clf: CellTypeClassifier, X: sp.csr_matrix, rows: np.ndarray, device, batch_size: int, max_tokens: int) -> np.ndarray:
+    clf.eval()
+    out = np.empty((len(rows), len(clf.classes)), dtype=np.float32)
+    lengths = np.diff(X.indptr)[rows]
+    for b in length_batches(lengths, max_cells=batch_size, max_tokens=max_tokens):
+        b = np.sort(b)
+        batch = csr_row_batch(X, rows[b]).to(device)
+        with torch.inference_mode(), autocast(device):
+            out[b] = torch.softmax(clf(batch).float(), -1).cpu().numpy()
+    return out
+
+
+def _scores(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    y_pred = np.asarray(classes)[proba.argmax(1)]
+    present = sorted(set(y_true))
+    return {
+        "macro_f1": float(metrics.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_precision": float(metrics.precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+    }
+
+
+# ---- public API -----------------------------------------------------------------------------
+def annotate(
+    adata,
+    *,
+    labels_key: str | None = None,
+    model: str | os.PathLike | XTrimoGene | CellTypeClassifier = "xtrimo-3m",
+    freeze: str | int = "none",
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    head_lr: float = 1e-3,
+    patience: int = 3,
+    class_weight: bool = True,
+    device: str = "auto",
+    random_state: int = 0,
+    key_added: str = "xtrimo_label",
+    gene_symbols: str | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+):
+    """Annotate cell types: fine-tune xTrimoGene on labelled cells, or apply a trained classifier.
+
+    Training (``labels_key`` given, ``model`` a checkpoint): the encoder plus max pooling plus
+    one linear layer is trained (paper section 5.4.1, appendix 8.1) on a stratified 8:1:1
+    train/validation/test split of the labelled cells, with class-weighted cross-entropy
+    (rare types count as much as common ones), AdamW, and early stopping on validation macro-F1
+    (the best epoch's weights are kept). Prediction (``model`` a :class:`CellTypeClassifier`):
+    the classifier is applied to ``adata`` as it is, whatever its genes or depth; the data go
+    through the same alignment and normalization as in training.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData: its RNA modality): raw counts (or normalized values) with gene symbols.
+    labels_key
+        ``obs`` column with cell-type labels to train on. Cells with missing labels are left out
+        of training (with a warning) and still get predictions.
+    model
+        A checkpoint name/folder or :class:`~scxtrimo.models.XTrimoGene` to fine-tune, or a
+        trained :class:`CellTypeClassifier` to apply (then ``labels_key`` is optional: if given,
+        the predictions are scored against it).
+    freeze
+        ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
+        an int ``k``: train only the last ``k`` encoder layers (and the head).
+    epochs, batch_size, lr, head_lr, patience
+        Training schedule: at most ``epochs`` passes, encoder learning rate ``lr``, head learning
+        rate ``head_lr``, stop after ``patience`` epochs without a better validation macro-F1.
+    class_weight
+        Weight the loss by inverse class frequency.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"`` (bf16 autocast on CUDA).
+    random_state
+        Seeds the split, the head initialization and the batch order.
+    key_added
+        Where predictions go (below).
+    gene_symbols
+        ``var`` column with gene symbols if ``var_names`` are not symbols.
+
+    Returns
+    -------
+    CellTypeClassifier
+        The trained (or the given) classifier; ``classifier.save(path)`` /
+        ``CellTypeClassifier.load(path)``. Writes into the AnnData:
+
+        * ``obs[key_added]``: predicted type (categorical), every cell.
+        * ``obs[key_added + '_confidence']``: probability of the predicted type (float32).
+        * ``obsm[key_added + '_probabilities']``: ``(n_obs, n_classes)`` float32; class names in
+          ``uns['xtrimo']['annotate']['classes']``.
+        * ``uns['xtrimo']['annotate']``: classes and, after training, test macro-F1, macro
+          precision, accuracy, per-class F1, confusion matrix (rows: true, columns: predicted,
+          in ``classes`` order), split sizes, small classes, best epoch; when predicting with
+          labels, the same scores on all labelled cells.
+
+    Raises
+    ------
+    ValueError
+        No ``labels_key`` when training; fewer than two labelled classes; bad ``freeze``; the
+        alignment/validation errors of :func:`scxtrimo.pp.align_genes` (e.g. too few matched
+        genes in a query); cells with no expressed reference gene.
+    KeyError
+        ``labels_key`` not in ``obs``.
+    """
+    data = rna_modality(adata)
+    dev = resolve_device(device)
+    budget = max_tokens or (262_144 if dev.type == "cuda" else 32_768)
+    if labels_key is not None and labels_key not in data.obs:
+        raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
+
+    if isinstance(model, CellTypeClassifier):
+        clf = model.to(dev)
+        X, prep = _collect(data, gene_symbols)
+        proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
+        report = {"classes": clf.classes, "mode": "predict", "n_genes_matched": int(prep.n_matched)}
+        if labels_key is not None:
+            lab = data.obs[labels_key]
+            ok = lab.notna().to_numpy()
+            report.update(_scores(lab.to_numpy()[ok].astype(str), proba[ok], clf.classes))
+        _write(data, clf, proba, key_added, report)
+        return clf
+
+    if labels_key is None:
+        raise ValueError("Pass labels_key= (an obs column of cell types) to train, or a trained classifier as model=.")
+    labels = data.obs[labels_key]
+    missing = labels.isna().to_numpy()
+    if missing.any():
+        warnings.warn(f"{int(missing.sum())} cells have no label in obs[{labels_key!r}]; they are left out of "
+                      "training and still get predictions.", UserWarning, stacklevel=2)
+    y_all = labels.astype(object).where(~missing, None).to_numpy()
+    labelled = np.flatnonzero(~missing)
+    classes = sorted({str(v) for v in y_all[labelled]})
+    if len(classes) < 2:
+        raise ValueError(f"obs[{labels_key!r}] has {len(classes)} labelled class(es); annotation needs at least two.")
+    y_str = np.array([str(v) for v in y_all[labelled]])
+    split_local, small = stratified_split(y_str, random_state)
+    if small:
+        warnings.warn(f"Classes with fewer than 3 cells cannot be split 8:1:1 and are used for training only: {small}.",
+                      UserWarning, stacklevel=2)
+    split = {k: labelled[v] for k, v in split_local.items()}
+    class_index = {c: i for i, c in enumerate(classes)}
+    y_idx = np.full(data.n_obs, -1, dtype=np.int64)
+    y_idx[labelled] = [class_index[c] for c in y_str]
+
+    X, prep = _collect(data, gene_symbols)
+    torch.manual_seed(random_state)
+    backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
+    clf = CellTypeClassifier(backbone, classes, freeze).to(dev)
+    _set_trainable(clf, freeze)
+    counts = np.bincount(y_idx[split["train"]], minlength=len(classes)).astype(np.float64)
+    weight = None
+    if class_weight:
+        w = np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0)
+        weight = torch.tensor(w, dtype=torch.float32, device=dev)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    groups = [{"params": list(clf.head.parameters()), "lr": head_lr}]
+    enc = [p for p in clf.backbone.parameters() if p.requires_grad]
+    if enc:
+        groups.append({"params": enc, "lr": lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    rng = np.random.default_rng(random_state)
+
+    frozen = freeze == "all"
+    if frozen:  # linear probe: embed once, then train the head on fixed embeddings
+        from ._embed import _embed_rows
+
+        emb = np.empty((data.n_obs, backbone.embedding_dim), dtype=np.float32)
+        for rows in length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget):
+            rows = np.sort(rows)
+            emb[rows] = _embed_rows(clf.backbone, X, rows, clf.pooling, dev)
+        emb_t = torch.from_numpy(emb).to(dev)
+
+    def val_f1() -> float:
+        rows = split["validation"]
+        if not len(rows):
+            return float("nan")
+        if frozen:
+            with torch.no_grad():
+                proba = torch.softmax(clf.head(emb_t[rows]), -1).cpu().numpy()
+        else:
+            proba = _predict_proba(clf, X, rows, dev, batch_size * 4, budget)
+        return _scores(np.asarray(classes)[y_idx[rows]], proba, classes)["macro_f1"]
+
+    best = (-1.0, 0, _copy.deepcopy(clf.state_dict()))
+    train_lengths = np.diff(X.indptr)[split["train"]]
+    history = []
+    bar = tqdm(range(epochs), desc="annotate", unit="epoch", disable=not progress)
+    for epoch in bar:
+        clf.train()
+        losses = []
+        for b in sortish_batches(train_lengths, batch_size, rng, drop_last=False):
+            rows = split["train"][np.sort(b)]
+            target = torch.from_numpy(y_idx[rows]).to(dev)
+            if frozen:
+                logits = clf.head(emb_t[rows])
+            else:
+                batch = csr_row_batch(X, rows).to(dev)
+                with autocast(dev):
+                    logits = clf(batch)
+            loss = loss_fn(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            opt.step()
+            losses.append(float(loss))
+        f1 = val_f1()
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": f1})
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{f1:.3f}")
+        if f1 > best[0]:
+            best = (f1, epoch + 1, _copy.deepcopy(clf.state_dict()))
+        elif epoch + 1 - best[1] >= patience:
+            break
+    bar.close()
+    clf.load_state_dict(best[2])
+    clf.eval()
+
+    proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
+    test = split["test"]
+    y_test = np.asarray(classes)[y_idx[test]]
+    pred_test = np.asarray(classes)[proba[test].argmax(1)]
+    report = {
+        "classes": classes,
+        "mode": "train",
+        **{f"test_{k}": v for k, v in _scores(y_test, proba[test], classes).items()},
+        "per_class_f1": {c: float(f) for c, f in zip(classes, metrics.f1_score(y_test, pred_test, labels=classes, average=None, zero_division=0))},
+        "confusion_matrix": metrics.confusion_matrix(y_test, pred_test, labels=classes).tolist(),
+        "split_sizes": {k: int(len(v)) for k, v in split.items()},
+        "small_classes": [c for c, _ in small],
+        "best_epoch": int(best[1]),
+        "val_macro_f1": float(best[0]),
+        "history": history,
+        "freeze": str(freeze),
+        "base_model": str(backbone.checkpoint_name or "untrained"),
+        "n_genes_matched": int(prep.n_matched),
+        "scxtrimo_version": package_version(),
+    }
+    clf.summary = {k: v for k, v in report.items() if k not in ("history",)}
+    _write(data, clf, proba, key_added, report)
+    return clf
+
+
+def _write(data, clf: CellTypeClassifier, proba: np.ndarray, key_added: str, report: dict) -> None:
+    pred = np.asarray(clf.classes)[proba.argmax(1)]
+    data.obs[key_added] = pd.Categorical(pred, categories=clf.classes)
+    data.obs[f"{key_added}_confidence"] = proba.max(1).astype(np.float32)
+    data.obsm[f"{key_added}_probabilities"] = proba.astype(np.float32)
+    entry = dict(report)
+    entry["history"] = pd.DataFrame(entry["history"]) if "history" in entry else None
+    if entry["history"] is None:
+        entry.pop("history")
+    entry["per_class_f1"] = entry.get("per_class_f1") or {}
+    if "confusion_matrix" in entry:
+        entry["confusion_matrix"] = np.asarray(entry["confusion_matrix"], dtype=np.int64)
+    xtrimo_uns(data)["annotate"] = entry

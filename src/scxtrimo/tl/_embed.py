@@ -1,0 +1,149 @@
+"""Cell embeddings from the xTrimoGene encoder (paper section 3.1, appendix 4)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._anndata import package_version, rna_modality, xtrimo_uns
+from .._device import autocast, resolve_device
+from ..data._batching import csr_row_batch, length_batches
+from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..models._io import load
+from ..models._xtrimogene import POOLINGS, XTrimoGene
+
+#: Default encoder token budget per batch (cells x longest cell), by device type.
+MAX_TOKENS = {"cpu": 32_768, "cuda": 262_144}
+
+
+def resolve_model(model: str | os.PathLike | XTrimoGene, device: torch.device) -> XTrimoGene:
+    """A checkpoint name, a checkpoint folder or an :class:`XTrimoGene`, on ``device`` in eval mode."""
+    if isinstance(model, XTrimoGene):
+        return model.to(device).eval()
+    return load(model, device=device)
+
+
+def _embed_rows(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device) -> np.ndarray:
+    """Embed ``X[rows]``; on CUDA out-of-memory, halve the batch and retry."""
+    try:
+        batch = csr_row_batch(X, rows).to(device, non_blocking=True)
+        with torch.inference_mode(), autocast(device):
+            return model.embed_cells(batch, pooling).float().cpu().numpy()
+    except torch.cuda.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(rows) // 2
+        return np.concatenate([_embed_rows(model, X, rows[:half], pooling, device),
+                               _embed_rows(model, X, rows[half:], pooling, device)])
+
+
+def embed(
+    adata,
+    *,
+    model: str | os.PathLike | XTrimoGene = "xtrimo-3m",
+    batch_size: int = 256,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    pooling: str = "max",
+    key_added: str = "X_xtrimo",
+    gene_symbols: str | None = None,
+    copy: bool = False,
+    progress: bool = True,
+):
+    """Embed cells with the xTrimoGene encoder.
+
+    Only the encoder runs, over each cell's expressed genes (paper section 3.1); its outputs are
+    max-pooled over genes into one vector per cell, as in the paper's clustering and annotation
+    experiments (appendix 4, 8.1). Raw counts with gene symbols work directly: the data are
+    aligned to the 19,264 reference genes and normalized to log1p CP10k on the fly, block by
+    block, without touching ``adata.X`` (backed AnnData works too). Data already prepared with
+    :func:`scxtrimo.pp.align_genes` and :func:`scxtrimo.pp.normalize` are used as they are.
+    Cells are batched with others of similar length, so little work goes to padding. The result
+    is deterministic for a given model, input and device.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData: its RNA modality) with ``n_obs`` cells. ``X`` (or ``layers['counts']``
+        if present) holds raw counts, or normalized / log1p values that are turned back into
+        counts (see :func:`scxtrimo.pp.normalize`).
+    model
+        Checkpoint name (``"xtrimo-3m"``, bundled), checkpoint folder, or an
+        :class:`~scxtrimo.models.XTrimoGene`.
+    batch_size
+        Most cells per encoder batch.
+    max_tokens
+        Most tokens (cells x longest cell in the batch) per batch; defaults to 32,768 on CPU and
+        262,144 on CUDA. On CUDA, an out-of-memory batch is halved and retried.
+    device
+        ``"auto"`` (CUDA if available, with bf16 autocast), ``"cpu"`` or ``"cuda"``.
+    pooling
+        ``"max"`` (the paper's) or ``"mean"`` over each cell's genes.
+    key_added
+        ``obsm`` key of the result.
+    gene_symbols
+        ``var`` column holding gene symbols, if ``var_names`` are not symbols (e.g. Ensembl IDs).
+    copy
+        Return a new object instead of writing into ``adata``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    ``None``, or with ``copy=True`` a new AnnData/MuData. Writes into the AnnData:
+
+    * ``obsm[key_added]``: ``(n_obs, d)`` float32 cell embeddings (``d`` = 128 for xtrimo-3m).
+    * ``uns['xtrimo']['params']``: checkpoint name and sha256, configuration, package version,
+      number of reference genes matched, pooling, ``key_added`` and the detected input kind.
+
+    Raises
+    ------
+    ValueError
+        Too few genes match the reference list (e.g. mouse genes, Ensembl IDs without
+        ``gene_symbols``); negative or non-finite values; cells with no expressed reference gene
+        (filter them with ``sc.pp.filter_cells``); unknown ``pooling``; a checkpoint that does
+        not load. ``adata`` is unchanged when anything fails.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+    target = adata.copy() if copy else adata
+    data = rna_modality(target)
+    dev = resolve_device(device)
+    net = resolve_model(model, dev)
+    prep = prepare_input(data, gene_symbols=gene_symbols)
+    budget = max_tokens or MAX_TOKENS.get(dev.type, MAX_TOKENS["cpu"])
+
+    out = np.empty((data.n_obs, net.embedding_dim), dtype=np.float32)
+    bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress)
+    for start, stop, X in iter_log1p_blocks(prep):
+        lengths = np.diff(X.indptr)
+        empty = np.flatnonzero(lengths == 0)
+        if empty.size:
+            names = list(data.obs_names[start + empty[:5]])
+            raise ValueError(
+                f"{empty.size} cells (e.g. {names}) express none of the reference genes and cannot be "
+                "embedded. Remove them first, e.g. `sc.pp.filter_cells(adata, min_genes=1)`."
+            )
+        for rows in length_batches(lengths, max_cells=batch_size, max_tokens=budget):
+            rows = np.sort(rows)
+            out[start + rows] = _embed_rows(net, X, rows, pooling, dev)
+            bar.update(len(rows))
+    bar.close()
+
+    data.obsm[key_added] = out
+    xtrimo_uns(data)["params"] = {
+        "model": str(net.checkpoint_name or "untrained"),
+        "sha256": str(net.checkpoint_sha256 or "none"),
+        "config": net.config.name,
+        "scxtrimo_version": package_version(),
+        "n_genes_matched": int(prep.n_matched),
+        "pooling": pooling,
+        "key_added": key_added,
+        "input": prep.kind,
+        "device": dev.type,
+    }
+    return target if copy else None

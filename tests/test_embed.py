@@ -1,0 +1,131 @@
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scxtrimo
+from scxtrimo.models import XTrimoGene
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return XTrimoGene("xtrimo-3m").eval()
+
+
+@pytest.fixture
+def small(pbmc3k):
+    return pbmc3k[:120].copy()
+
+
+def test_writes_obsm_and_params_without_touching_x(small, model):
+    X0 = small.X.copy()
+    assert scxtrimo.tl.embed(small, model=model, progress=False) is None
+    emb = small.obsm["X_xtrimo"]
+    assert emb.shape == (120, 128) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    params = small.uns["xtrimo"]["params"]
+    assert params["n_genes_matched"] == 11_213 and params["pooling"] == "max" and params["input"] == "counts"
+    assert params["scxtrimo_version"] == scxtrimo.__version__
+    assert (small.X != X0).nnz == 0 and small.n_vars == 13_714
+
+
+def test_raw_counts_and_prepared_data_give_the_same_embedding(small, model):
+    prepared = scxtrimo.pp.align_genes(small, copy=True)
+    scxtrimo.pp.normalize(prepared)
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    scxtrimo.tl.embed(prepared, model=model, progress=False)
+    assert prepared.uns["xtrimo"]["params"]["input"] == "prepared"
+    np.testing.assert_allclose(small.obsm["X_xtrimo"], prepared.obsm["X_xtrimo"], atol=1e-5)
+
+
+def test_log_normalized_input_is_reverted(small, model):
+    import scanpy as sc
+
+    logged = small.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    with pytest.warns(UserWarning, match="log"):
+        scxtrimo.tl.embed(logged, model=model, progress=False)
+    np.testing.assert_allclose(small.obsm["X_xtrimo"], logged.obsm["X_xtrimo"], atol=1e-4)
+
+
+def test_deterministic_and_batch_size_independent(small, model):
+    a, b, c = small.copy(), small.copy(), small.copy()
+    scxtrimo.tl.embed(a, model=model, progress=False)
+    scxtrimo.tl.embed(b, model=model, progress=False)
+    scxtrimo.tl.embed(c, model=model, progress=False, batch_size=5, max_tokens=2_000)
+    np.testing.assert_array_equal(a.obsm["X_xtrimo"], b.obsm["X_xtrimo"])
+    np.testing.assert_allclose(a.obsm["X_xtrimo"], c.obsm["X_xtrimo"], atol=1e-5)
+
+
+def test_copy_key_added_and_mean_pooling(small, model):
+    out = scxtrimo.tl.embed(small, model=model, progress=False, copy=True, key_added="X_mean", pooling="mean")
+    assert "X_mean" in out.obsm and "X_mean" not in small.obsm and "xtrimo" not in small.uns
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    assert not np.allclose(out.obsm["X_mean"], small.obsm["X_xtrimo"])
+
+
+def test_mudata_rna_modality(small, model):
+    mdata = md.MuData({"rna": small, "prot": ad.AnnData(np.ones((small.n_obs, 3), dtype=np.float32), obs=small.obs[[]])})
+    scxtrimo.tl.embed(mdata, model=model, progress=False)
+    assert mdata.mod["rna"].obsm["X_xtrimo"].shape == (120, 128)
+
+
+def test_ensembl_ids_need_gene_symbols(small, model):
+    ens = small.copy()
+    ens.var["symbol"] = ens.var_names
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    with pytest.raises(ValueError, match="gene_symbols"):
+        scxtrimo.tl.embed(ens, model=model, progress=False)
+    assert "X_xtrimo" not in ens.obsm
+    scxtrimo.tl.embed(ens, model=model, progress=False, gene_symbols="symbol")
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    np.testing.assert_array_equal(ens.obsm["X_xtrimo"], small.obsm["X_xtrimo"])
+
+
+def test_bad_input_fails_cleanly(small, model):
+    bad = small.copy()
+    bad.X.data[0] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        scxtrimo.tl.embed(bad, model=model, progress=False)
+    assert "X_xtrimo" not in bad.obsm and "xtrimo" not in bad.uns
+
+    empty = small.copy()
+    keep = np.ones(empty.n_obs)
+    keep[3] = 0
+    X = (sp.diags(keep) @ empty.X).tocsr()
+    X.eliminate_zeros()
+    empty.X = X.astype(np.float32)
+    with pytest.raises(ValueError, match="express none of the reference genes"):
+        scxtrimo.tl.embed(empty, model=model, progress=False)
+    assert "X_xtrimo" not in empty.obsm
+
+    mouse = small.copy()
+    mouse.var_names = [g.capitalize() for g in small.var_names]
+    with pytest.raises(ValueError):
+        scxtrimo.tl.embed(mouse, model=model, progress=False)
+
+    with pytest.raises(ValueError, match="pooling"):
+        scxtrimo.tl.embed(small, model=model, progress=False, pooling="cls")
+
+
+def test_backed_h5ad(small, model, tmp_path):
+    path = tmp_path / "small.h5ad"
+    small.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    scxtrimo.tl.embed(backed, model=model, progress=False)
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    np.testing.assert_array_equal(backed.obsm["X_xtrimo"], small.obsm["X_xtrimo"])
+    backed.file.close()
+
+
+def test_cellbench_deep_cells(cellbench, model):
+    """The long-sequence case: CEL-seq2 cells with thousands of expressed genes."""
+    deep = cellbench[cellbench.obs["batch"] == "sc_celseq2"][:40].copy()
+    scxtrimo.tl.embed(deep, model=model, progress=False)
+    assert deep.obsm["X_xtrimo"].shape == (40, 128)
+    assert deep.uns["xtrimo"]["params"]["n_genes_matched"] > 14_000

@@ -1,0 +1,40 @@
+"""Real data, real checkpoint, real embedding: the bundled xtrimo-3m on pbmc3k."""
+
+import numpy as np
+import pytest
+import torch
+
+import scxtrimo
+from scxtrimo.models import XTrimoGene
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    adata = scxtrimo.datasets.pbmc3k()
+    scxtrimo.tl.embed(adata, model="xtrimo-3m", progress=False)
+    torch.manual_seed(0)
+    scxtrimo.tl.embed(adata, model=XTrimoGene("xtrimo-3m"), key_added="X_random", progress=False)
+    return adata
+
+
+def test_pretrained_beats_random_initialisation(embedded):
+    trained = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_xtrimo")
+    random = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_random")
+    assert trained["n_clusters"] == random["n_clusters"] == 8
+    assert trained["ari"] > random["ari"] + 0.05, (trained, random)
+    assert trained["nmi"] > random["nmi"], (trained, random)
+    params = embedded.uns["xtrimo"]["params"]
+    assert params["key_added"] == "X_random" and params["model"] == "untrained"
+    assert embedded.uns["xtrimo"]["clustering"]["X_xtrimo"]["ari"] == trained["ari"]
+
+
+def test_embedding_is_informative(embedded):
+    """Cells of one type lie closer together than cells of different types."""
+    emb = embedded.obsm["X_xtrimo"]
+    z = (emb - emb.mean(0)) / (emb.std(0) + 1e-6)
+    labels = embedded.obs["cell_type"].to_numpy()
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(z), (2, 20_000))
+    d = np.linalg.norm(z[i] - z[j], axis=1)
+    same = labels[i] == labels[j]
+    assert d[same].mean() < 0.9 * d[~same].mean()

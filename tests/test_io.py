@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import scxtrimo
+from scxtrimo.models import XTrimoGene, load
+from scxtrimo.models import _io
+
+
+@pytest.fixture(scope="module")
+def random_3m():
+    torch.manual_seed(0)
+    return XTrimoGene("xtrimo-3m").eval()
+
+
+def test_round_trip_gives_identical_embeddings(random_3m, pbmc3k, tmp_path):
+    small = pbmc3k[:150].copy()
+    scxtrimo.tl.embed(small, model=random_3m, progress=False)
+    random_3m.save(tmp_path / "ck")
+    assert {p.name for p in (tmp_path / "ck").iterdir()} == {"config.json", "model.safetensors", "genes.txt"}
+    loaded = load(tmp_path / "ck")
+    again = pbmc3k[:150].copy()
+    scxtrimo.tl.embed(again, model=loaded, progress=False)
+    np.testing.assert_array_equal(small.obsm["X_xtrimo"], again.obsm["X_xtrimo"])
+    assert loaded.checkpoint_sha256 == _io.sha256_file(tmp_path / "ck" / "model.safetensors")
+
+
+def test_fp16_checkpoint_is_small_and_close(random_3m, pbmc3k, tmp_path):
+    random_3m.save(tmp_path / "half", dtype=torch.float16)
+    size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert size < 10 * 2**20
+    loaded = load(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    a, b = pbmc3k[:50].copy(), pbmc3k[:50].copy()
+    scxtrimo.tl.embed(a, model=random_3m, progress=False)
+    scxtrimo.tl.embed(b, model=loaded, progress=False)
+    assert np.abs(a.obsm["X_xtrimo"] - b.obsm["X_xtrimo"]).max() < 0.05
+
+
+def test_gene_list_mismatch_is_refused(random_3m, tmp_path):
+    folder = random_3m.save(tmp_path / "ck")
+    genes = (folder / "genes.txt").read_text().split()
+    genes[10], genes[11] = genes[11], genes[10]
+    (folder / "genes.txt").write_text("\n".join(genes))
+    with pytest.raises(ValueError, match="different gene list"):
+        load(folder)
+
+
+def test_shape_mismatch_is_refused(random_3m, tmp_path):
+    folder = random_3m.save(tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["enc_ff_mult"] = 4
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not fit its configuration"):
+        load(folder)
+
+
+def test_hash_mismatch_and_unknown_name_are_refused(random_3m, tmp_path, monkeypatch):
+    folder = random_3m.save(tmp_path / "xtrimo-test")
+    monkeypatch.setitem(_io.BUNDLED, "xtrimo-test", "0" * 64)
+    monkeypatch.setattr(_io, "_bundled_dir", lambda name: folder)
+    with pytest.raises(ValueError, match="sha256"):
+        load("xtrimo-test")
+    with pytest.raises(ValueError, match="Known names"):
+        load("xtrimo-1b")
+    with pytest.raises(ValueError, match="lacks"):
+        load(tmp_path)
+
+
+def test_bundled_checkpoint_loads_and_matches_registry():
+    model = load("xtrimo-3m")
+    assert model.checkpoint_name == "xtrimo-3m"
+    assert model.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
+    assert model.config.name == "xtrimo-3m" and model.n_parameters() > 2.5e6
+    assert model.metadata["steps"] > 0 and model.metadata["cells"] > 10_000

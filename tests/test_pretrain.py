@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scxtrimo
+from scxtrimo.data import MaskingConfig, mask_values
+from scxtrimo.models import XTrimoGene
+from scxtrimo.data import sortish_batches
+from scxtrimo.tl._pretrain import evaluate, masked_loss, split_cells
+
+
+def test_training_steps_lower_the_masked_loss_on_real_cells(pbmc3k_prepared, tiny_config):
+    torch.manual_seed(0)
+    X = pbmc3k_prepared.X[:16]
+    model = XTrimoGene(tiny_config)
+    before = evaluate(model, X, batch_size=8, masking=MaskingConfig(), device=torch.device("cpu"), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        values = torch.from_numpy(X[(step % 2) * 8 : (step % 2) * 8 + 8].toarray())
+        mb = mask_values(values, generator=gen)
+        loss = masked_loss(model(mb.inputs, mb.is_mask), mb.values, mb.target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    after = evaluate(model, X, batch_size=8, masking=MaskingConfig(), device=torch.device("cpu"), seed=0)
+    assert after["mse"] < 0.7 * before["mse"], (before, after)
+
+
+def test_split_is_96_2_2_and_deterministic():
+    s = split_cells(10_000, random_state=0)
+    assert [len(s[k]) for k in ("train", "validation", "test")] == [9_600, 200, 200]
+    assert len(np.unique(np.concatenate(list(s.values())))) == 10_000
+    s2 = split_cells(10_000, random_state=0)
+    assert all(np.array_equal(s[k], s2[k]) for k in s)
+    assert not np.array_equal(s["test"], split_cells(10_000, random_state=1)["test"])
+
+
+def test_sortish_batches_group_similar_lengths(pbmc3k_prepared):
+    lengths = np.diff(pbmc3k_prepared.X.indptr)
+    batches = sortish_batches(lengths, 8, np.random.default_rng(0))
+    assert len(np.unique(np.concatenate(batches))) == sum(len(b) for b in batches) >= len(lengths) - 8 * 64
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    rng = np.random.default_rng(0)
+    random_spread = np.mean([np.ptp(lengths[rng.choice(len(lengths), 8)]) for _ in range(100)])
+    assert spread < 0.5 * random_spread
+
+
+def test_pretrain_api_history_and_checkpoint(pbmc3k, tiny_config, tmp_path):
+    small = pbmc3k[:120].copy()
+    X0 = small.X.copy()
+    model, history = scxtrimo.tl.pretrain(small, config=tiny_config, max_steps=4, batch_size=4, eval_every=2,
+                                          eval_cells=8, lr=1e-3, save_dir=tmp_path / "ck", progress=False)
+    assert isinstance(history, pd.DataFrame)
+    assert list(history["step"]) == [2, 4]
+    assert {"train_mse", "val_mse", "val_pearson", "lr", "elapsed_s", "cells_seen"} <= set(history.columns)
+    assert np.isfinite(history["val_mse"]).all()
+    assert set(history.attrs["test"]) >= {"mse", "pearson"}
+    assert model.metadata["split"]["train"] + model.metadata["split"]["validation"] + model.metadata["split"]["test"] == model.metadata["cells"]
+    assert (small.X != X0).nnz == 0
+    loaded = scxtrimo.models.load(tmp_path / "ck")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_pretrain_drops_low_quality_cells(pbmc3k, tiny_config):
+    """Cells with <= 200 expressed reference genes are not trained on (appendix 1)."""
+    small = pbmc3k[:60].copy()
+    genes = scxtrimo.pp.align_genes(small).X
+    expected = int((np.diff(genes.indptr) > 200).sum())
+    model, _ = scxtrimo.tl.pretrain(small, config=tiny_config, max_steps=1, batch_size=4, eval_every=0,
+                                    eval_cells=4, progress=False)
+    assert model.metadata["cells"] == expected < 60 or model.metadata["cells"] == expected
+
+
+def test_pretrain_refuses_data_without_qc_passing_cells(pbmc3k, tiny_config):
+    with pytest.raises(ValueError, match="expressed reference genes"):
+        scxtrimo.tl.pretrain(pbmc3k[:20], config=tiny_config, min_genes=10_000, max_steps=1, progress=False)
