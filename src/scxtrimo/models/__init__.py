@@ -2,6 +2,7 @@
 
 from ._config import CONFIGS, XTrimoGeneConfig, get_config
 from ._io import load
+from ._registry import cache_dir, register
 from ._xtrimogene import XTrimoGene
 
-__all__ = ["XTrimoGene", "XTrimoGeneConfig", "CONFIGS", "get_config", "load"]
+__all__ = ["XTrimoGene", "XTrimoGeneConfig", "CONFIGS", "get_config", "load", "register", "cache_dir"]

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._reference import reference_genes
+from . import _registry
 from ._config import XTrimoGeneConfig
 from ._xtrimogene import XTrimoGene
 
@@ -81,11 +82,14 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None]:
     p = Path(name_or_path)
     if p.is_dir():
         return p, p.name, None
-    if str(name_or_path) in BUNDLED:
-        return _bundled_dir(str(name_or_path)), str(name_or_path), BUNDLED[str(name_or_path)]
+    name = str(name_or_path)
+    if name in BUNDLED:
+        return _bundled_dir(name), name, BUNDLED[name]
+    if name in _registry.REMOTE:
+        return _registry.fetch(name), name, _registry.REMOTE[name].sha256["model.safetensors"]
     raise ValueError(
-        f"No checkpoint {str(name_or_path)!r}: it is neither a folder nor a known name. "
-        f"Known names: {sorted(BUNDLED)}; or pass the folder written by `model.save(path)`."
+        f"No checkpoint {name!r}: it is neither a folder nor a known name. "
+        f"Known names: {sorted(set(BUNDLED) | set(_registry.REMOTE))}; or pass the folder written by `model.save(path)`."
     )
 
 
@@ -95,8 +99,10 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, device: str | torch.d
     Parameters
     ----------
     name_or_path
-        ``"xtrimo-3m"`` (bundled with the package, no download) or a folder written by
-        :meth:`XTrimoGene.save`.
+        ``"xtrimo-3m"`` (bundled with the package, no download), the name of a registered
+        downloadable checkpoint (fetched once with pooch into ``$SCXTRIMO_CACHE`` or the user
+        cache, every file checked against its sha256, then reused offline), or a folder
+        written by :meth:`XTrimoGene.save`.
     device
         Where to put the model. Weights are loaded as float32 whatever they were stored as.
 

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ..models._xtrimogene import XTrimoGene
+
+
+def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", show: bool | None = None, save: str | None = None):
+    """Auto-discretization bin weights across expression values, stacked (paper appendix Fig. 1).
+
+    For each value the auto-discretization block (section 3.3) gives a weight vector over its
+    ``b`` bins (100 in the paper) that sums to 1. A trained block changes these weights smoothly
+    between close values and clearly between distant ones.
+
+    Parameters
+    ----------
+    model
+        An :class:`~scxtrimo.models.XTrimoGene`, e.g. ``scxtrimo.models.load("xtrimo-3m")``.
+    values
+        1-d array of log1p CP10k values; default ``np.linspace(0, 10, 200)``.
+    ax
+        Axes to draw on; a new figure if ``None``.
+    show, save
+        ``show=False`` returns the axes; ``save`` is a file path to write the figure to.
+
+    Returns
+    -------
+    The matplotlib axes when ``show=False``, else ``None``. One filled band per bin.
+    """
+    values = np.linspace(0, 10, 200) if values is None else np.asarray(values, dtype=np.float32)
+    with torch.no_grad():
+        param = next(model.value_embedding.parameters())
+        w = model.value_embedding.bin_weights(torch.as_tensor(values, dtype=param.dtype, device=param.device)).float().cpu().numpy()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    colors = plt.get_cmap(cmap)(np.linspace(0, 1, w.shape[1]))
+    ax.stackplot(values, w.T, colors=colors, linewidth=0)
+    ax.set_xlim(values.min(), values.max())
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("expression value (log1p CP10k)")
+    ax.set_ylabel("bin weight (stacked)")
+    ax.set_title(f"auto-discretization, {w.shape[1]} bins")
+    ax.figure.tight_layout()
+    if save:
+        ax.figure.savefig(save, dpi=150)
+    if show:
+        plt.show()
+    return None if show else ax

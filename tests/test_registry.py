@@ -1,0 +1,90 @@
+"""Checkpoints by name through pooch, served from a local HTTP server on 127.0.0.1."""
+
+import functools
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import scxtrimo
+from scxtrimo.models import _io, _registry
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        _Quiet.requests.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_Quiet, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    _Quiet.requests = []
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def published(server, tmp_path, monkeypatch):
+    root, url = server
+    torch.manual_seed(0)
+    model = scxtrimo.models.XTrimoGene("xtrimo-3m")
+    folder = model.save(root / "xtrimo-test", dtype=torch.float16)
+    hashes = {f: _io.sha256_file(folder / f) for f in _registry.FILES}
+    monkeypatch.setenv(_registry.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(_registry, "REMOTE", {})
+    scxtrimo.models.register("xtrimo-test", f"{url}/xtrimo-test", hashes)
+    return model, folder
+
+
+def test_download_cache_reuse_and_identity(published, pbmc3k, tmp_path):
+    model, folder = published
+    loaded = scxtrimo.models.load("xtrimo-test")
+    assert len(_Quiet.requests) == 3
+    assert (tmp_path / "cache" / "xtrimo-test" / "model.safetensors").is_file()
+    assert loaded.checkpoint_name == "xtrimo-test"
+    again = scxtrimo.models.load("xtrimo-test")  # from the cache: no new request
+    assert len(_Quiet.requests) == 3
+    local = scxtrimo.models.load(folder)
+    a, b = pbmc3k[:40].copy(), pbmc3k[:40].copy()
+    scxtrimo.tl.embed(a, model=again, progress=False)
+    scxtrimo.tl.embed(b, model=local, progress=False)
+    np.testing.assert_array_equal(a.obsm["X_xtrimo"], b.obsm["X_xtrimo"])
+
+
+def test_corrupted_file_is_refused(published, tmp_path):
+    _, folder = published
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        scxtrimo.models.load("xtrimo-test")
+    assert not (tmp_path / "cache" / "xtrimo-test" / "model.safetensors").exists()
+
+
+def test_tampered_cache_is_downloaded_again(published, tmp_path):
+    _, folder = published
+    scxtrimo.models.load("xtrimo-test")
+    cached = tmp_path / "cache" / "xtrimo-test" / "genes.txt"
+    cached.write_text("A1BG\n")
+    scxtrimo.models.load("xtrimo-test")
+    assert _Quiet.requests.count("/xtrimo-test/genes.txt") == 2
+    assert cached.read_bytes() == (folder / "genes.txt").read_bytes()
+
+
+def test_registry_needs_every_hash():
+    with pytest.raises(ValueError, match="sha256"):
+        _registry.RemoteCheckpoint("x", "http://127.0.0.1/", {"config.json": "0" * 64})
