@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-cells", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decoder-zeros", type=int, default=None, help="decoder over expressed/masked genes + this many random zeros (default: all genes)")
+    ap.add_argument("--warmup", type=int, default=50)
     args = ap.parse_args()
 
     files = sorted(str(p) for p in Path(args.data).glob("*/*.h5ad"))
@@ -41,7 +43,9 @@ def main() -> None:
         max_time=args.max_minutes * 60,
         batch_size=args.batch_size,
         lr=args.lr,
-        warmup_steps=50,
+        warmup_steps=args.warmup,
+        decoder_zeros=args.decoder_zeros,
+        streaming=False,  # ~25,000 cells fit in memory; every test cell is scored at the end
         eval_every=args.eval_every,
         eval_cells=args.eval_cells,
         random_state=args.seed,

@@ -59,3 +59,28 @@ def tiny_config():
 
     return XTrimoGeneConfig(name="tiny", enc_depth=2, enc_heads=2, enc_dim=32, enc_ff_mult=2,
                             dec_depth=1, dec_heads=2, dec_dim=32, dec_ff_mult=2, nb_features=16)
+
+
+@pytest.fixture(scope="session")
+def pretrain_files(tmp_path_factory, pbmc3k_session) -> list[Path]:
+    """Two .h5ad files of real pbmc3k counts (70 + 60 cells) for streamed-pretraining tests."""
+    folder = tmp_path_factory.mktemp("pretrain_files")
+    paths = [folder / "a.h5ad", folder / "b.h5ad"]
+    pbmc3k_session[:70].copy().write_h5ad(paths[0])
+    pbmc3k_session[70:130].copy().write_h5ad(paths[1])
+    return paths
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for child processes: one thread each (the machine is small), the repo's src."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return env

@@ -85,3 +85,20 @@ def test_embedding_uses_encoder_only(pbmc3k_prepared):
         after = m.embed_cells(batch)
     torch.testing.assert_close(before, after)
     assert before.shape == (3, 128)
+
+
+def test_sampled_decoder_context(pbmc3k_prepared, tiny_config):
+    """decoder_zeros keeps every target; covering all genes it equals the full decoder."""
+    torch.manual_seed(0)
+    m = XTrimoGene(tiny_config).eval()
+    values = torch.from_numpy(pbmc3k_prepared.X[:3].toarray())
+    mb = mask_values(values, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(mb.inputs, mb.is_mask)
+        everything = m(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=19_264, generator=torch.Generator().manual_seed(1))
+        sampled = m(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=100, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(everything, full, atol=1e-5, rtol=1e-4)
+    decoded = sampled != 0
+    assert decoded[mb.target].all()  # every loss position is predicted
+    width = int(((mb.inputs != 0) | mb.is_mask | mb.target).sum(1).max()) + 100
+    assert (decoded.sum(1) == width).all()

@@ -78,3 +78,11 @@ def test_pretrain_drops_low_quality_cells(pbmc3k, tiny_config):
 def test_pretrain_refuses_data_without_qc_passing_cells(pbmc3k, tiny_config):
     with pytest.raises(ValueError, match="expressed reference genes"):
         scxtrimo.tl.pretrain(pbmc3k[:20], config=tiny_config, min_genes=10_000, max_steps=1, progress=False)
+
+
+def test_pretrain_with_sampled_decoder_context(pbmc3k, tiny_config):
+    small = pbmc3k[:80].copy()
+    model, history = scxtrimo.tl.pretrain(small, config=tiny_config, max_steps=3, batch_size=4, eval_every=3,
+                                          eval_cells=8, lr=1e-3, decoder_zeros=64, progress=False)
+    assert model.metadata["decoder_zeros"] == 64
+    assert np.isfinite(history["val_mse"]).all() and np.isfinite(history["train_mse"]).all()

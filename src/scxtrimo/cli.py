@@ -1,4 +1,8 @@
-"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad`` and ``scxtrimo demo``."""
+"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo`` and ``scxtrimo pretrain``.
+
+``scxtrimo pretrain`` works alone and under ``torchrun --nproc_per_node=N -m scxtrimo.cli
+pretrain ...`` (data-parallel training, see :func:`scxtrimo.tl.pretrain`).
+"""
 
 from __future__ import annotations
 
@@ -63,6 +67,100 @@ def _demo(args) -> int:
     return 0
 
 
+# flags of `scxtrimo pretrain` -> tl.pretrain keyword names (None: not given on the command line)
+_PRETRAIN_FLAGS = {
+    "data": "data", "config": "config", "out": "save_dir", "max_steps": "max_steps", "epochs": "epochs",
+    "max_time": "max_time", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum_steps": "grad_accum_steps",
+    "strategy": "strategy", "activation_checkpointing": "activation_checkpointing", "save_every": "save_every",
+    "eval_every": "eval_every", "eval_cells": "eval_cells", "device": "device", "seed": "random_state",
+    "block_cells": "block_cells", "gene_symbols": "gene_symbols", "resume": "resume", "resume_from": "resume_from",
+    "min_genes": "min_genes",
+}
+
+
+def read_run_config(path: str | Path) -> dict:
+    """Read a pretraining run file: YAML (``.yaml``/``.yml``) or JSON, a mapping whose keys are
+    :func:`scxtrimo.tl.pretrain` keyword names plus ``data`` (a path or a list of paths).
+
+    ``config`` may be a configuration name or a mapping of
+    :class:`~scxtrimo.models.XTrimoGeneConfig` fields; ``masking`` a mapping of
+    :class:`~scxtrimo.data.MaskingConfig` fields.
+
+    Raises
+    ------
+    ValueError
+        The file is not a mapping, or has keys that are not ``tl.pretrain`` parameters.
+    """
+    import inspect
+    import json
+
+    from . import tl
+
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        raw = json.loads(text)
+    else:
+        import yaml
+
+        raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of tl.pretrain keyword names to values.")
+    known = set(inspect.signature(tl.pretrain).parameters) - {"model", "callback", "progress"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the tl.pretrain parameters {sorted(known)}.")
+    return raw
+
+
+def _pretrain_kwargs(raw: dict) -> dict:
+    from .data import MaskingConfig
+    from .models import XTrimoGeneConfig
+
+    kw = dict(raw)
+    if isinstance(kw.get("config"), dict):
+        kw["config"] = XTrimoGeneConfig.from_dict(kw["config"])
+    if isinstance(kw.get("masking"), dict):
+        kw["masking"] = MaskingConfig(**kw["masking"])
+    if isinstance(kw.get("data"), (str, Path)):
+        kw["data"] = [kw["data"]]
+    return kw
+
+
+def _pretrain(args) -> int:
+    import os
+
+    from . import tl
+
+    raw = read_run_config(args.run_config) if args.run_config else {}
+    for flag, key in _PRETRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and value is not False:
+            raw[key] = value
+    if not raw.get("data"):
+        raise ValueError("no input: give .h5ad files with --data (or `data:` in the run file).")
+    kw = _pretrain_kwargs(raw)
+    data = kw.pop("data")
+    rank = int(os.environ.get("RANK", "0"))
+    log_every = args.log_every
+
+    def log(info: dict) -> None:
+        if log_every and info["step"] % log_every == 0:
+            print(f"step {info['step']} loss {info['loss']:.5f} lr {info['lr']:.3g} "
+                  f"elapsed {info['elapsed_s']:.1f}s", flush=True)
+
+    model, history = tl.pretrain(data, progress=not args.quiet, callback=log, **kw)
+    if rank == 0:
+        last = history.iloc[-1]
+        test = history.attrs.get("test", {})
+        where = f" -> {kw['save_dir']}" if kw.get("save_dir") else ""
+        print(f"pretrained {model.config.name} for {int(last['step'])} steps on {model.metadata['cells']} cells "
+              f"(world size {model.metadata['world_size']}): val MSE {last['val_mse']:.4f}, "
+              f"test MSE {test.get('mse', float('nan')):.4f}{where}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -88,6 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--save-h5ad", action="store_true", help="also write the embedded AnnData")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser(
+        "pretrain", help="pretrain xTrimoGene on .h5ad files (streamed); works under torchrun",
+        description="Pretrain xTrimoGene (scxtrimo.tl.pretrain). Settings come from RUN_CONFIG (YAML or JSON, "
+                    "keys = tl.pretrain keyword names plus `data`) and/or the flags below; flags win. "
+                    "Data-parallel: torchrun --nproc_per_node=N -m scxtrimo.cli pretrain ...",
+    )
+    t.add_argument("run_config", nargs="?", default=None, help="YAML/JSON run file (optional)")
+    t.add_argument("--data", nargs="+", default=None, help=".h5ad files (streamed in blocks)")
+    t.add_argument("--config", default=None, help="architecture: xtrimo-3m, xtrimo-10m or xtrimo-100m")
+    t.add_argument("--out", default=None, help="save_dir: model files, history.csv and train_state.pt")
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--max-time", type=float, default=None, help="seconds")
+    t.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks, all micro-batches)")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--grad-accum-steps", type=int, default=None)
+    t.add_argument("--strategy", default=None, choices=["auto", "ddp", "fsdp"])
+    t.add_argument("--activation-checkpointing", action="store_true", default=None)
+    t.add_argument("--save-every", type=int, default=None)
+    t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--eval-cells", type=int, default=None)
+    t.add_argument("--min-genes", type=int, default=None)
+    t.add_argument("--block-cells", type=int, default=None)
+    t.add_argument("--gene-symbols", default=None)
+    t.add_argument("--device", default=None, help="auto, cpu or cuda")
+    t.add_argument("--seed", type=int, default=None, help="random_state")
+    t.add_argument("--resume", action="store_true", default=None, help="continue from OUT/train_state.pt")
+    t.add_argument("--resume-from", default=None, help="continue from this train_state.pt (file or folder)")
+    t.add_argument("--log-every", type=int, default=0, help="print a line every N steps (rank 0)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_pretrain)
     return p
 
 

@@ -72,24 +72,41 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
     return PreparedInput(adata, source, mapping, kind, n_matched)
 
 
-def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int = BLOCK_CELLS) -> Iterator[tuple[int, int, sp.csr_matrix]]:
-    """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes."""
+def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``[start, stop)`` of a prepared input as log1p CP10k on the reference genes.
+
+    Parameters
+    ----------
+    prep
+        From :func:`prepare_input`; its AnnData may be backed (only these rows are read).
+    start, stop
+        Row range, ``0 <= start <= stop <= n_obs``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(stop - start, 19264)`` float32, sorted indices, no explicit zeros.
+    """
     M = prep.matrix()
     n_ref = len(reference_genes())
     what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
+    block = M[start:stop]
+    if prep.kind == "prepared":
+        check_finite_nonnegative(block, what=what)
+        out = sp.csr_matrix(block, dtype=np.float32)
+        out.eliminate_zeros()
+        out.sort_indices()
+        return out
+    if prep.mapping is not None:
+        block = align_matrix(block, prep.mapping, n_ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # already warned once in prepare_input
+        counts, _ = to_counts(block, kind=prep.kind, what=what, warn=False)
+    return log1p_normalize(counts)
+
+
+def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int = BLOCK_CELLS) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes."""
     for start in range(0, prep.adata.n_obs, block_cells):
         stop = min(start + block_cells, prep.adata.n_obs)
-        block = M[start:stop]
-        if prep.kind == "prepared":
-            check_finite_nonnegative(block, what=what)
-            out = sp.csr_matrix(block, dtype=np.float32)
-            out.eliminate_zeros()
-            out.sort_indices()
-        else:
-            if prep.mapping is not None:
-                block = align_matrix(block, prep.mapping, n_ref)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # already warned once in prepare_input
-                counts, _ = to_counts(block, kind=prep.kind, what=what, warn=False)
-            out = log1p_normalize(counts)
-        yield start, stop, out
+        yield start, stop, log1p_rows(prep, start, stop)

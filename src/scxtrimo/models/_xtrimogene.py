@@ -96,8 +96,17 @@ class XTrimoGene(nn.Module):
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
 
     # ---- full model ---------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
-        """Predict every gene's value from a corrupted batch.
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        is_mask: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        decoder_zeros: int | None = None,
+        generator: torch.Generator | None = None,
+        zero_scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict gene values from a corrupted batch.
 
         Parameters
         ----------
@@ -106,6 +115,21 @@ class XTrimoGene(nn.Module):
             positions are ignored).
         is_mask
             ``(B, n_genes)`` bool, positions replaced by [MASK].
+        keep
+            ``(B, n_genes)`` bool, positions whose prediction is needed (the loss targets);
+            only used with ``decoder_zeros``.
+        decoder_zeros
+            ``None`` (default, the paper): the decoder runs over all genes. An int ``z``: the
+            decoder runs over each cell's visible, masked and ``keep`` genes plus ``z``
+            unexpressed genes drawn at random (padded to one length per batch with more random
+            unexpressed genes), a cheaper training-time approximation of the full-length
+            context. Predictions outside the decoded genes are 0.
+        generator
+            Seeded generator for the ``decoder_zeros`` draw.
+        zero_scores
+            ``(B, n_genes)`` uniforms to use for that draw instead of ``generator`` (the lowest
+            scores win), e.g. per-cell keyed hashes so that the draw does not depend on which
+            process or micro-batch holds the cell.
 
         Returns
         -------
@@ -118,5 +142,16 @@ class XTrimoGene(nn.Module):
         dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
         dec_in = dec_in.index_put((rows, cols), h[rows, pos])
         dec_in = dec_in + self.gene_embedding.weight.to(h.dtype)
-        y = self.decoder(self.decoder_proj(dec_in))
-        return self.head(y).squeeze(-1)
+        if decoder_zeros is None:
+            return self.head(self.decoder(self.decoder_proj(dec_in))).squeeze(-1)
+        must = visible | is_mask
+        if keep is not None:
+            must = must | keep
+        width = min(inputs.shape[1], int(must.sum(1).max()) + int(decoder_zeros))
+        if zero_scores is None:
+            zero_scores = torch.rand(inputs.shape, generator=generator, device=inputs.device)
+        score = zero_scores.masked_fill(must, -1.0)
+        idx = score.topk(width, dim=1, largest=False).indices.sort(dim=1).values
+        sub = dec_in.gather(1, idx.unsqueeze(-1).expand(-1, -1, dec_in.shape[-1]))
+        pred = self.head(self.decoder(self.decoder_proj(sub))).squeeze(-1)
+        return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)

@@ -1,11 +1,17 @@
-"""Masked-value pretraining of xTrimoGene on one process (paper section 4, appendix 5)."""
+"""Masked-value pretraining of xTrimoGene (paper section 4, appendix 5).
+
+One process, or data-parallel under ``torchrun`` (DDP or FSDP), in memory or streamed from
+.h5ad files, with periodic atomic training-state saves and exact resumes.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -16,12 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import rna_modality
-from .._device import autocast, resolve_device
-from ..data._batching import sortish_batches
-from ..data._masking import MaskingConfig, mask_values
+from .._device import autocast
+from .._version import __version__
+from ..data._masking import MaskingConfig, cell_keys, keyed_uniform, mask_values, mask_values_keyed
 from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
 from ..models._config import XTrimoGeneConfig
 from ..models._xtrimogene import XTrimoGene
+from . import _distributed as D
+from ._checkpoint import atomic_write_bytes, check_signature, load_train_state, save_train_state, state_path
 
 MIN_GENES = 201  # appendix 1: keep cells with more than 200 expressed genes
 SPLIT = (0.96, 0.02, 0.02)
@@ -80,8 +89,10 @@ def masked_loss(pred: torch.Tensor, values: torch.Tensor, target: torch.Tensor) 
 
 
 @torch.no_grad()
-def evaluate(model: XTrimoGene, X: sp.csr_matrix, *, batch_size: int, masking: MaskingConfig, device: torch.device, seed: int = 0) -> dict:
+def evaluate(model: XTrimoGene, X: sp.csr_matrix, *, batch_size: int, masking: MaskingConfig, device: torch.device, seed: int = 0, decoder_zeros: int | None = None) -> dict:
     """Masked-position MSE and Pearson r on ``X`` with fixed (seeded) masks."""
+    if X.shape[0] == 0:
+        return {"mse": float("nan"), "pearson": float("nan"), "n_targets": 0}
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -90,13 +101,46 @@ def evaluate(model: XTrimoGene, X: sp.csr_matrix, *, batch_size: int, masking: M
         values = torch.from_numpy(X[start : start + batch_size].toarray()).to(device)
         mb = mask_values(values, masking, generator=gen)
         with autocast(device):
-            pred = model(mb.inputs, mb.is_mask)
+            pred = model(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=decoder_zeros, generator=gen)
         preds.append(pred[mb.target].float().cpu())
         trues.append(mb.values[mb.target].float().cpu())
     model.train(was_training)
     p, t = torch.cat(preds).numpy(), torch.cat(trues).numpy()
     r = float(np.corrcoef(p, t)[0, 1]) if p.size > 1 and p.std() > 0 and t.std() > 0 else float("nan")
     return {"mse": float(np.mean((p - t) ** 2)), "pearson": r, "n_targets": int(p.size)}
+
+
+def _is_h5ad_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike)) and str(item).lower().endswith(".h5ad")
+
+
+def _use_streaming(items: list, streaming: bool | None) -> bool:
+    all_paths = bool(items) and all(_is_h5ad_path(i) for i in items)
+    if streaming is None:
+        return all_paths
+    if streaming and not all_paths:
+        raise ValueError("streaming=True needs .h5ad paths as input (in-memory AnnData/MuData cannot be streamed).")
+    return bool(streaming)
+
+
+def _check_args(*, batch_size, grad_accum_steps, world_size, save_every, eval_every, block_cells, save_dir):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be at least 1, got {grad_accum_steps}.")
+    if batch_size < world_size * grad_accum_steps:
+        raise ValueError(
+            f"batch_size={batch_size} (the global batch) is smaller than world size {world_size} x "
+            f"grad_accum_steps={grad_accum_steps}: every rank needs at least one cell per micro-batch."
+        )
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"save_every must be a positive number of steps or None, got {save_every}.")
+    if save_every is not None and save_dir is None:
+        raise ValueError("save_every needs save_dir: the folder the training state is written to.")
+    if eval_every is not None and eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {eval_every}.")
+    if block_cells < 1:
+        raise ValueError(f"block_cells must be at least 1, got {block_cells}.")
 
 
 def pretrain(
@@ -121,8 +165,18 @@ def pretrain(
     random_state: int = 0,
     save_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    grad_accum_steps: int = 1,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
+    save_every: int | None = None,
+    resume: bool = False,
+    resume_from: str | os.PathLike | None = None,
+    streaming: bool | None = None,
+    block_cells: int = BLOCK_CELLS,
+    callback: Callable[[dict], None] | None = None,
+    decoder_zeros: int | None = None,
 ) -> tuple[XTrimoGene, pd.DataFrame]:
-    """Pretrain xTrimoGene by regressing masked expression values (paper section 4).
+    """Pretrain xTrimoGene by regressing masked expression values (paper section 4, appendix 5).
 
     Cells are aligned to the 19,264 reference genes and normalized to log1p CP10k on the fly,
     cells with fewer than ``min_genes`` expressed reference genes are dropped (appendix 1 keeps
@@ -131,6 +185,39 @@ def pretrain(
     many unexpressed ones (80% [MASK], 10% random value, 10% unchanged; section 4.2, appendix
     6) and minimizes the MSE at those positions. AdamW with linear warm-up and cosine decay to
     10% of ``lr``, gradient clipping; bf16 autocast on CUDA, fp32 on CPU.
+
+    **Data at scale.** When every input is a path to an ``.h5ad`` file, the files are opened in
+    backed mode and streamed: read in blocks of ``block_cells`` rows, aligned, normalized and
+    quality-controlled per block, blocks visited in a new random order every epoch and cells
+    shuffled within a block (:class:`~scxtrimo.data.StreamBatches`). Host memory then
+    holds at most ``block_cells + batch_size - 1`` training cells plus ``2 x eval_cells``
+    evaluation cells, whatever the corpus size. One extra pass at the start counts the cells
+    and collects the evaluation cells. The split assigns each cell by a seeded hash of its
+    file's base name and its ``obs_name`` (96:2:2 in expectation), independent of block size
+    and order. In-memory inputs (AnnData, MuData, mixtures) are stacked in memory and split by
+    a seeded permutation (exactly 96:2:2).
+
+    **Distributed training** (appendix 5: data parallelism, gradient accumulation, ZeRO-2,
+    activation checkpointing). Under ``torchrun`` (or with an initialized
+    ``torch.distributed`` process group) each of the ``W`` ranks trains on a disjoint shard of
+    every global batch of ``batch_size`` cells (positions ``rank, rank + W, ...``), split into
+    ``grad_accum_steps`` micro-batches; the loss is normalized by the number of masked
+    positions in the whole global batch, and each cell's mask is a function of
+    ``(random_state, step, position in the global batch)`` only
+    (:func:`~scxtrimo.data.mask_values_keyed`), so ``W`` processes compute the same
+    update as one process with the same ``batch_size`` (up to float rounding). Every rank
+    reads every block of a stream (and uses only its shard); every rank evaluates.
+
+    **Checkpoint and resume.** With ``save_dir``, every ``save_every`` steps (and at each
+    evaluation and at the end) rank 0 writes the model files (``config.json``,
+    ``model.safetensors``, ``genes.txt``: :func:`scxtrimo.models.load` reads the folder),
+    ``history.csv``, and ``train_state.pt``: weights, AdamW state, step, epoch, data position,
+    torch CPU/CUDA RNG states, history and the run's settings. Every file is written to a
+    temporary name in the same folder, fsynced and renamed, so a crash leaves the previous
+    save intact. ``resume=True`` continues from it and, with the same arguments, reproduces
+    the uninterrupted run (exactly in fp32 on one device; a different world size or
+    ``grad_accum_steps`` changes only float rounding). Batch order and masks are stateless
+    functions of ``(random_state, epoch, step)``; no generator state needs restoring for them.
 
     Parameters
     ----------
@@ -141,12 +228,14 @@ def pretrain(
         Architecture for a new model: ``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"`` or a
         :class:`~scxtrimo.models.XTrimoGeneConfig`. Ignored when ``model`` is given.
     model
-        Continue training this model instead of starting from random weights.
+        Continue training this model instead of starting from random weights (with
+        ``strategy="fsdp"`` on several processes it is sharded in place; use the returned model).
     epochs, max_steps, max_time
         Stop after ``epochs`` passes over the training cells, ``max_steps`` optimizer steps, or
-        ``max_time`` seconds of wall time, whichever comes first.
+        ``max_time`` seconds of wall time (rank 0's clock, summed over resumed segments),
+        whichever comes first.
     batch_size
-        Cells per step.
+        Cells per optimizer step: the **global** batch, over all ranks and micro-batches.
     lr, weight_decay, warmup_steps, grad_clip
         AdamW settings (the authors': lr 1e-4, no weight decay, clipping at 1.0). Warm-up
         defaults to 5% of the planned steps, at most 1,000.
@@ -154,18 +243,57 @@ def pretrain(
         Masking ratios, :class:`~scxtrimo.data.MaskingConfig`.
     eval_every, eval_cells
         Every ``eval_every`` steps (and at the end), evaluate on up to ``eval_cells`` validation
-        cells with fixed masks.
+        cells with fixed masks. Streamed input: also the test metrics use the first
+        ``eval_cells`` test cells (in file order); in-memory input: all test cells.
+    min_genes
+        Keep cells with at least this many expressed reference genes.
+    gene_symbols
+        ``var`` column with gene symbols, if ``var_names`` are not symbols.
     device
-        ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``; under torchrun on CUDA each
+        rank uses ``cuda:LOCAL_RANK``.
     random_state
         Seeds the split, the initialization, the batch order and the masks.
     save_dir
-        If given, the model is saved there (``model.save``) at every evaluation and at the end.
+        Folder for the model files, ``history.csv`` and ``train_state.pt`` (rank 0 writes).
+    progress
+        Show a progress bar (rank 0 only).
+    grad_accum_steps
+        Micro-batches per optimizer step on each rank (same update, less activation memory).
+        Needs ``batch_size >= world size x grad_accum_steps``.
+    strategy
+        Data parallelism when more than one process runs: ``"auto"`` / ``"ddp"``
+        (DistributedDataParallel) or ``"fsdp"`` (FSDP2 ``fully_shard`` of encoder blocks,
+        decoder layers and the root with ``reshard_after_forward=False``: gradients and
+        optimizer state sharded, the ZeRO stage-2 equivalent, for large models on CUDA). With
+        one process all three train the plain model.
+    activation_checkpointing
+        Recompute encoder blocks and decoder layers in the backward pass
+        (:func:`torch.utils.checkpoint.checkpoint`) to save activation memory.
+    save_every
+        Steps between saves into ``save_dir`` (``None``: only at evaluations and at the end).
+    resume, resume_from
+        Continue from ``save_dir/train_state.pt`` (``resume=True``) or from the given
+        ``train_state.pt`` file or folder (``resume_from``; implies ``resume``).
+    streaming
+        ``None`` (default): stream when every input is an ``.h5ad`` path; ``True`` insists;
+        ``False`` loads everything into memory.
+    block_cells
+        Rows per block when streaming (default 2,048).
+    callback
+        Called on rank 0 after every optimizer step with a dict ``step``, ``epoch``,
+        ``loss`` (the global batch's masked MSE), ``lr``, ``elapsed_s``.
+    decoder_zeros
+        ``None`` (default): the decoder reconstructs all 19,264 genes, as in the paper. An int
+        ``z``: the decoder runs over each cell's expressed, masked and target genes plus ``z``
+        random unexpressed genes (drawn per cell from its masking key), several times cheaper
+        per step (:meth:`~scxtrimo.models.XTrimoGene.forward`). The encoder is unaffected.
 
     Returns
     -------
     model : XTrimoGene
-        The trained model (eval mode, on ``device``), with ``model.metadata`` describing the run.
+        The trained model (eval mode, on ``device``, unwrapped and unsharded), with
+        ``model.metadata`` describing the run.
     history : pandas.DataFrame
         One row per evaluation: ``step``, ``epoch``, ``cells_seen``, ``lr``, ``elapsed_s``,
         ``train_mse`` (mean since the last evaluation), ``val_mse``, ``val_pearson`` (masked
@@ -174,97 +302,268 @@ def pretrain(
     Raises
     ------
     ValueError
-        No cell passes QC; the alignment and validation errors of :func:`scxtrimo.pp.align_genes`.
+        No cell passes QC; fewer training cells than ``batch_size``; an unknown ``strategy``;
+        ``batch_size`` smaller than world size x ``grad_accum_steps``; ``save_every`` without
+        ``save_dir``; ``resume`` without a saved training state, or with settings (model
+        configuration, batch size, learning-rate schedule, masking, seed, data, ...) that
+        differ from the saved run's; the alignment and validation errors of
+        :func:`scxtrimo.pp.align_genes`.
+    RuntimeError
+        ``strategy="fsdp"`` on a device / backend where torch refuses FSDP.
     """
-    dev = resolve_device(device)
+    strategy = D.check_strategy(strategy)
+    resume = bool(resume) or resume_from is not None
     masking = masking or MaskingConfig()
+    items = _as_list(data)
+    use_stream = _use_streaming(items, streaming)
+    ctx, dev = D.init_distributed(device)
+    try:
+        _check_args(batch_size=batch_size, grad_accum_steps=grad_accum_steps, world_size=ctx.world_size,
+                    save_every=save_every, eval_every=eval_every, block_cells=block_cells, save_dir=save_dir)
+        state = load_train_state(state_path(resume_from, save_dir)) if resume else None
+        result = _train(
+            items, use_stream=use_stream, ctx=ctx, dev=dev, state=state, config=config, model=model, epochs=epochs,
+            max_steps=max_steps, max_time=max_time, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, grad_clip=grad_clip, masking=masking, eval_every=eval_every,
+            eval_cells=eval_cells, min_genes=min_genes, gene_symbols=gene_symbols, random_state=random_state,
+            save_dir=save_dir, progress=progress, grad_accum_steps=grad_accum_steps, strategy=strategy,
+            activation_checkpointing=activation_checkpointing, save_every=save_every, block_cells=block_cells,
+            callback=callback, decoder_zeros=decoder_zeros,
+        )
+        if ctx.owned and ctx.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has finished writing before anyone leaves
+        return result
+    finally:
+        ctx.shutdown()
+
+
+def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_steps, max_time, batch_size, lr,
+           weight_decay, warmup_steps, grad_clip, masking, eval_every, eval_cells, min_genes, gene_symbols,
+           random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing, save_every,
+           block_cells, callback, decoder_zeros=None):
     torch.manual_seed(random_state)
-    X, cells = collect_cells(data, gene_symbols=gene_symbols, min_genes=min_genes)
-    split = split_cells(X.shape[0], random_state)
-    X_train, X_val, X_test = (X[split[k]] for k in ("train", "validation", "test"))
+    corpus = None
+    if use_stream:
+        corpus = H5adCorpus(items, block_cells=block_cells, gene_symbols=gene_symbols, min_genes=min_genes,
+                            random_state=random_state)
+        counts, val, test = corpus.scan(eval_cells)
+        if counts["cells"] == 0:
+            corpus.close()
+            raise ValueError(f"No cell has at least {min_genes} expressed reference genes; nothing to pretrain on.")
+        X_val, X_test = val.X, test.X
+        n_cells = counts["cells"]
+        split_sizes = {k: counts[k] for k in ("train", "validation", "test")}
+        source = StreamBatches(corpus, batch_size, random_state)
+        data_desc = {"kind": "stream", "files": [list(d) for d in corpus.describe()], "block_cells": int(block_cells)}
+    else:
+        X, _ = collect_cells(items, gene_symbols=gene_symbols, min_genes=min_genes)
+        split = split_cells(X.shape[0], random_state)
+        X_train, X_val, X_test = (X[split[k]] for k in ("train", "validation", "test"))
+        n_cells = X.shape[0]
+        split_sizes = {k: int(len(v)) for k, v in split.items()}
+        source = MemoryBatches(X_train, batch_size, random_state)
+        data_desc = {"kind": "memory", "cells": int(X.shape[0]), "nnz": int(X.nnz)}
     X_val = X_val[:eval_cells]
+    try:
+        return _loop(
+            source=source, corpus=corpus, X_val=X_val, X_test=X_test, n_cells=n_cells, split_sizes=split_sizes,
+            data_desc=data_desc, ctx=ctx, dev=dev, state=state, config=config, model=model, epochs=epochs,
+            max_steps=max_steps, max_time=max_time, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, grad_clip=grad_clip, masking=masking, eval_every=eval_every,
+            min_genes=min_genes, random_state=random_state, save_dir=save_dir, progress=progress,
+            grad_accum_steps=grad_accum_steps, strategy=strategy, activation_checkpointing=activation_checkpointing,
+            save_every=save_every, callback=callback, decoder_zeros=decoder_zeros,
+        )
+    finally:
+        if corpus is not None:
+            corpus.close()
+
+
+def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx, dev, state, config, model, epochs,
+          max_steps, max_time, batch_size, lr, weight_decay, warmup_steps, grad_clip, masking, eval_every,
+          min_genes, random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing,
+          save_every, callback, decoder_zeros=None):
     if model is None:
         model = XTrimoGene(config)
-    model = model.to(dev).train()
-
-    steps_per_epoch = max(1, X_train.shape[0] // batch_size)
+    cfg = model.config
+    n_train = split_sizes["train"]
+    if n_train < batch_size:
+        raise ValueError(f"{n_train} training cells are fewer than batch_size={batch_size}.")
+    steps_per_epoch = max(1, n_train // batch_size)
     total = int(math.ceil(epochs * steps_per_epoch))
     if max_steps is not None:
-        total = min(total, max_steps)
+        total = min(total, int(max_steps))
     warmup = warmup_steps if warmup_steps is not None else max(1, min(1000, total // 20))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(random_state)
-    gen = torch.Generator(device=dev).manual_seed(random_state)
-    lengths = np.diff(X_train.indptr)
+    signature = {
+        "config": cfg.to_dict(), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+        "warmup_steps": int(warmup), "total_steps": int(total), "grad_clip": float(grad_clip),
+        "masking": dict(masking.__dict__), "random_state": int(random_state), "min_genes": int(min_genes),
+        "decoder_zeros": decoder_zeros, "max_time": None if max_time is None else float(max_time), "data": data_desc,
+    }
+    if state is not None:
+        check_signature(state["signature"], signature)
+        D.load_model_state(model, state["model"])
+    raw = model.to(dev).train()
+    step, history, running, elapsed0 = 0, [], [], 0.0
+    sharded = D.is_sharded(strategy, ctx)
+    if sharded:
+        # FSDP2 warns when a wrapped module returns a view; every consumer here (performer's
+        # residual `x = x + f(x)`, the loss's boolean indexing) is out-of-place, so it is harmless
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    with D.activation_checkpointing(raw, activation_checkpointing):
+        wrapped = D.wrap_model(raw, strategy, ctx, dev)
+        opt = torch.optim.AdamW(raw.parameters(), lr=lr, weight_decay=weight_decay)
+        if state is not None:
+            D.load_optimizer_state(raw, opt, state["optimizer"], strategy, ctx)
+            source.load_state_dict(state["data"])
+            step, history, running = int(state["step"]), list(state["history"]), list(state["running"])
+            elapsed0 = float(state["elapsed_s"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if dev.type == "cuda" and state["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        t0 = time.perf_counter() - elapsed0
 
-    history, running = [], []
-    t0 = time.perf_counter()
-    step, epoch, batches = 0, 0, sortish_batches(lengths, batch_size, rng)
+        def elapsed() -> float:
+            """Seconds since the start (over resumed segments); rank 0's clock when it matters."""
+            now = time.perf_counter() - t0
+            if max_time is None or ctx.world_size == 1:
+                return now
+            return float(ctx.broadcast(torch.tensor([now], dtype=torch.float64, device=dev)))
 
-    def record(final: bool = False):
-        metrics = evaluate(model, X_val, batch_size=batch_size, masking=masking, device=dev, seed=random_state)
-        history.append({
-            "step": step, "epoch": step / steps_per_epoch, "cells_seen": step * batch_size,
-            "lr": opt.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - t0,
-            "train_mse": float(np.mean(running)) if running else float("nan"),
-            "val_mse": metrics["mse"], "val_pearson": metrics["pearson"],
-        })
-        running.clear()
-        if save_dir is not None:
-            model.metadata = _metadata(model, X, split, step, batch_size, lr, t0, dev, history, masking)
-            model.save(save_dir, metadata=model.metadata)
+        def metadata(extra: dict | None = None, now: float | None = None) -> dict:
+            now = elapsed() if now is None else now
+            return _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, now, dev, history, masking,
+                             world_size=ctx.world_size, grad_accum_steps=grad_accum_steps, decoder_zeros=decoder_zeros,
+                             strategy=("ddp" if strategy == "auto" else strategy) if ctx.world_size > 1 else "single") | (extra or {})
 
-    bar = tqdm(total=total, desc="pretrain", unit="step", disable=not progress)
-    while step < total:
-        elapsed = time.perf_counter() - t0
-        if max_time is not None and elapsed > max_time:
-            break
-        if not batches:
-            epoch += 1
-            batches = sortish_batches(lengths, batch_size, rng)
-        rows = np.sort(batches.pop())
-        progress = max((step - warmup) / max(1, total - warmup), elapsed / max_time if max_time else 0.0)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, warmup, progress)
-        values = torch.from_numpy(X_train[rows].toarray()).to(dev, non_blocking=True)
-        mb = mask_values(values, masking, generator=gen)
-        with autocast(dev):
-            pred = model(mb.inputs, mb.is_mask)
-        loss = masked_loss(pred, mb.values, mb.target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        running.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{running[-1]:.3f}")
-        if eval_every and step % eval_every == 0:
+        def save(extra: dict | None = None):
+            model_sd = D.full_model_state(raw, strategy, ctx)
+            opt_sd = D.full_optimizer_state(raw, opt, strategy, ctx)
+            now = elapsed()  # collective when max_time is set
+            if not ctx.is_main:
+                return
+            meta = metadata(extra, now)
+            train_state = {
+                "step": int(step), "epoch": int(source.epoch), "data": source.state_dict(),
+                "model": model_sd, "optimizer": opt_sd, "lr": float(opt.param_groups[0]["lr"]),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
+                "signature": signature, "history": history, "running": [float(x) for x in running],
+                "elapsed_s": float(now), "world_size": int(ctx.world_size),
+                "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__,
+            }
+            save_train_state(train_state, save_dir)
+            target = raw
+            if sharded:
+                target = XTrimoGene(cfg)
+                D.load_model_state(target, model_sd)
+            target.metadata = meta
+            target.save(save_dir, metadata=meta)
+            buf = io.StringIO()
+            pd.DataFrame(history).to_csv(buf, index=False)
+            atomic_write_bytes(buf.getvalue().encode(), Path(save_dir) / "history.csv")
+
+        def record():
+            metrics = evaluate(raw, X_val, batch_size=max(1, batch_size // grad_accum_steps), masking=masking,
+                               device=dev, seed=random_state, decoder_zeros=decoder_zeros)
+            history.append({
+                "step": int(step), "epoch": step / steps_per_epoch, "cells_seen": int(step * batch_size),
+                "lr": float(opt.param_groups[0]["lr"]), "elapsed_s": elapsed(),
+                "train_mse": float(np.mean(running)) if running else float("nan"),
+                "val_mse": metrics["mse"], "val_pearson": metrics["pearson"],
+            })
+            running.clear()
+
+        bar = tqdm(total=total, initial=min(step, total), desc="pretrain", unit="step",
+                   disable=not (progress and ctx.is_main))
+        while step < total:
+            now = elapsed()
+            if max_time is not None and now > max_time:
+                break
+            X_batch, _ = source.next_batch()
+            frac = max((step - warmup) / max(1, total - warmup), now / max_time if max_time else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(step, warmup, frac)
+            loss = _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
+                               random_state=random_state, grad_accum_steps=grad_accum_steps,
+                               strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
+                               decoder_zeros=decoder_zeros)
+            step += 1
+            running.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if callback is not None and ctx.is_main:
+                callback({"step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                          "lr": float(opt.param_groups[0]["lr"]), "elapsed_s": time.perf_counter() - t0})
+            evaluated = bool(eval_every) and step % eval_every == 0
+            if evaluated:
+                record()
+            if save_dir is not None and (evaluated or (save_every and step % save_every == 0)) and step < total:
+                save()
+        bar.close()
+        if not history or history[-1]["step"] != step:
             record()
-    bar.close()
-    if not history or history[-1]["step"] != step:
-        record(final=True)
-    test = evaluate(model, X_test, batch_size=batch_size, masking=masking, device=dev, seed=random_state + 1)
+        test = evaluate(raw, X_test, batch_size=max(1, batch_size // grad_accum_steps), masking=masking,
+                        device=dev, seed=random_state + 1, decoder_zeros=decoder_zeros)
+        if save_dir is not None:
+            save({"test": test})
+        if sharded:
+            out = XTrimoGene(cfg)
+            D.load_model_state(out, D.full_model_state(raw, strategy, ctx, all_ranks=True))
+            out = out.to(dev)
+        else:
+            out = raw
     hist = pd.DataFrame(history)
     hist.attrs["test"] = test
-    model.metadata = _metadata(model, X, split, step, batch_size, lr, t0, dev, history, masking) | {"test": test}
-    if save_dir is not None:
-        model.save(save_dir, metadata=model.metadata)
-    return model.eval(), hist
+    out.metadata = metadata({"test": test})
+    return out.eval(), hist
 
 
-def _metadata(model, X, split, step, batch_size, lr, t0, dev, history, masking) -> dict:
+def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking, random_state, grad_accum_steps,
+                 strategy, params, grad_clip, decoder_zeros=None) -> float:
+    """One optimizer step on this rank's shard of the global batch; returns the global masked MSE."""
+    positions = np.arange(X_batch.shape[0])[ctx.rank :: ctx.world_size]
+    micro = [m for m in np.array_split(positions, grad_accum_steps) if m.size]
+    batches, scores = [], []
+    for m in micro:
+        values = torch.from_numpy(X_batch[m].toarray()).to(dev, non_blocking=True)
+        keys = cell_keys(random_state, step, m, device=dev)
+        batches.append(mask_values_keyed(values, masking, keys=keys))
+        scores.append(keyed_uniform(keys, values.shape[1]) if decoder_zeros is not None else None)
+    n_local = sum(mb.target.sum() for mb in batches)
+    n_global = ctx.all_reduce_sum(torch.as_tensor(n_local, dtype=torch.float64, device=dev).clone())
+    scale = (ctx.world_size / n_global.clamp(min=1)).float()
+    opt.zero_grad(set_to_none=True)
+    sse_total = torch.zeros((), dtype=torch.float64, device=dev)
+    for i, mb in enumerate(batches):
+        with D.grad_sync(wrapped, strategy, ctx, sync=i == len(batches) - 1):
+            with autocast(dev):
+                pred = wrapped(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=decoder_zeros, zero_scores=scores[i])
+            sse = (pred[mb.target].float() - mb.values[mb.target].float()).pow(2).sum()
+            (sse * scale).backward()
+        sse_total += sse.detach().double()
+    torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
+    opt.step()
+    return float(ctx.all_reduce_sum(sse_total) / n_global.clamp(min=1))
+
+
+def _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, wall_time_s, dev, history, masking, *,
+              world_size=1, grad_accum_steps=1, strategy="single", decoder_zeros=None) -> dict:
     last = history[-1] if history else {}
     return {
-        "cells": int(X.shape[0]),
-        "split": {k: int(len(v)) for k, v in split.items()},
+        "cells": int(n_cells),
+        "split": {k: int(v) for k, v in split_sizes.items()},
         "steps": int(step),
         "batch_size": int(batch_size),
         "cells_seen": int(step * batch_size),
         "lr": float(lr),
-        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "wall_time_s": round(float(wall_time_s), 1),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "masking": masking.__dict__,
+        "world_size": int(world_size),
+        "grad_accum_steps": int(grad_accum_steps),
+        "strategy": strategy,
+        "masking": dict(masking.__dict__),
+        "decoder_zeros": decoder_zeros,
         "val_mse": last.get("val_mse"),
         "val_pearson": last.get("val_pearson"),
     }

@@ -1,0 +1,45 @@
+"""The documentation builds without warnings, and the first tutorial runs end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sphinx_builds_without_warnings(tmp_path):
+    pytest.importorskip("myst_nb", reason="docs dependencies: pip install -e '.[test]'")
+    out = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q",
+         "-d", str(tmp_path / "doctrees"), str(REPO / "docs"), str(tmp_path / "html")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    api = (tmp_path / "html" / "api" / "generated" / "scxtrimo.tl.embed.html").read_text()
+    assert "obsm" in api and "ValueError" in api  # docstrings render outputs and errors
+    assert (tmp_path / "html" / "notebooks" / "01_embed_cluster_pbmc3k.html").exists()
+
+
+def test_first_tutorial_executes(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = REPO / "docs" / "notebooks" / "01_embed_cluster_pbmc3k.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    env_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "Agg"
+    try:
+        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if env_backend is None:
+            os.environ.pop("MPLBACKEND")
+        else:
+            os.environ["MPLBACKEND"] = env_backend
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    table = next(o for o in outputs if "text/html" in o.get("data", {}) and "ari" in o["data"]["text/html"])
+    assert "xTrimoGene" in table["data"]["text/html"] and "PCA" in table["data"]["text/html"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)

@@ -1,0 +1,132 @@
+"""Checkpoint and resume of tl.pretrain: a killed run resumes losing at most one save interval
+and ends where the uninterrupted run ends; saves are atomic."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import scxtrimo
+from conftest import subprocess_env
+from scxtrimo.tl._checkpoint import TRAIN_STATE, load_train_state, save_train_state
+
+STEPS, SAVE_EVERY = 16, 2
+RUN = dict(batch_size=4, lr=1e-3, eval_every=6, eval_cells=8, block_cells=32, random_state=0, save_every=SAVE_EVERY)
+
+
+@contextlib.contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _cli(run, out, *flags):
+    return [sys.executable, "-m", "scxtrimo.cli", "pretrain", str(run), "--out", str(out), "--max-steps",
+            str(STEPS), "--quiet", "--log-every", "1", *flags]
+
+
+def _steps(text: str) -> list[int]:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("step ")]
+
+
+def test_killed_run_resumes_and_matches_the_uninterrupted_run(pretrain_files, tiny_config, tmp_path):
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"config": tiny_config.to_dict(), "data": [str(p) for p in pretrain_files], **RUN}))
+    out = tmp_path / "killed"
+
+    # 1. start, wait for the first save and a few more steps, then SIGKILL
+    proc = subprocess.Popen(_cli(run, out), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, deadline = [], time.monotonic() + 120
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                seen.append(int(line.split()[1]))
+            if seen and seen[-1] >= SAVE_EVERY + 3 and (out / TRAIN_STATE).exists():
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "the run did not reach the kill point in time"
+        else:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    executed = max(seen + _steps(rest))
+    assert executed < STEPS
+
+    # (a) the saved state loads; (b) at most one save interval is lost
+    state = load_train_state(out / TRAIN_STATE)
+    saved = state["step"]
+    lost = executed - saved
+    print(f"killed after step {executed}; last save at step {saved}; lost {lost} step(s) (save_every={SAVE_EVERY})")
+    assert saved % SAVE_EVERY == 0 and 0 <= lost <= SAVE_EVERY
+    assert scxtrimo.models.load(out).metadata["steps"] <= saved  # the model files load too
+
+    # 2. resume to the end
+    r = subprocess.run(_cli(run, out, "--resume"), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _steps(r.stdout)
+    assert resumed[0] == saved + 1 and resumed[-1] == STEPS
+
+    # (c) the final parameters equal the uninterrupted run's
+    kw = {k: v for k, v in RUN.items() if k != "save_every"}
+    with one_thread():
+        ref, ref_history = scxtrimo.tl.pretrain([str(p) for p in pretrain_files], config=tiny_config, max_steps=STEPS,
+                                                progress=False, **kw)
+    final = scxtrimo.models.load(out)
+    sa, sb = final.state_dict(), ref.state_dict()
+    diff = max(float((sa[k] - sb[k]).abs().max()) for k in sa if sa[k].is_floating_point())
+    print(f"resumed vs uninterrupted after {STEPS} steps: max |param diff| = {diff:.3g}")
+    assert diff <= 1e-6
+    history = load_train_state(out / TRAIN_STATE)["history"]
+    assert [h["step"] for h in history] == list(ref_history["step"]) == [6, 12, 16]
+    for key in ("train_mse", "val_mse"):  # train_mse spans the kill: the running losses were saved too
+        torch.testing.assert_close(torch.tensor([h[key] for h in history]), torch.tensor(list(ref_history[key])),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_train_state({"step": 2, "weights": torch.arange(4.0)}, tmp_path)
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_train_state({"step": 4, "weights": torch.zeros(4)}, tmp_path)
+    monkeypatch.undo()
+    state = load_train_state(tmp_path / TRAIN_STATE)
+    assert state["step"] == 2 and torch.equal(state["weights"], torch.arange(4.0))
+    assert sorted(os.listdir(tmp_path)) == [TRAIN_STATE]  # no temporary file left behind
+
+
+def test_resume_errors_are_clear(pbmc3k, tiny_config, tmp_path):
+    small = pbmc3k[:60].copy()
+    kw = dict(config=tiny_config, max_steps=2, batch_size=4, eval_every=0, eval_cells=4, progress=False)
+    with pytest.raises(ValueError, match="no training state"):
+        scxtrimo.tl.pretrain(small, save_dir=tmp_path / "none", resume=True, **kw)
+    with pytest.raises(ValueError, match="needs save_dir"):
+        scxtrimo.tl.pretrain(small, resume=True, **kw)
+    scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", save_every=1, **kw)
+    with pytest.raises(ValueError, match=r"settings differ.*lr: saved 0\.0001, now 0\.002"):
+        scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **(kw | {"lr": 2e-3}))
+    with pytest.raises(ValueError, match="settings differ.*config"):
+        scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **(kw | {"config": "xtrimo-3m"}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / TRAIN_STATE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable scxtrimo training state"):
+        scxtrimo.tl.pretrain(small, resume_from=tmp_path / "bad", **kw)
+    # a finished run resumes to the same end point
+    model, _ = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **kw)
+    assert model.metadata["steps"] == 2
