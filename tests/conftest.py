@@ -6,11 +6,14 @@ data set that is not there are skipped with the path they looked in.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 
 import anndata as ad
 import pytest
+import torch
 
 import scxtrimo
 
@@ -84,3 +87,14 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     return env
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread (bitwise-comparable runs across processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -6,7 +6,6 @@ depends only on (seed, step, position in the global batch), so the parameters af
 must match a single process with the same global batch up to float rounding.
 """
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import one_thread
 
 import scxtrimo
 from conftest import free_port, subprocess_env
@@ -24,16 +24,6 @@ RUN = dict(batch_size=8, lr=1e-4, eval_every=0, eval_cells=8, block_cells=32, ra
 # the attention qkv bias: softmax is invariant to it) is float noise, and its update is
 # lr * noise / eps. With lr 1e-4 that stays below 1e-5; everything else agrees to ~1e-7.
 ATOL = 1e-5
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def run_file(tmp_path, files, tiny_config, **extra):

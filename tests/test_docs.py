@@ -29,7 +29,7 @@ def test_first_tutorial_executes(tmp_path):
     path = REPO / "docs" / "notebooks" / "01_embed_cluster_pbmc3k.ipynb"
     nb = nbformat.read(path, as_version=4)
     env_backend = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "Agg"
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures become PNG outputs
     try:
         nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}}).execute()

@@ -21,7 +21,7 @@ def test_pretrained_beats_random_initialisation(embedded):
     trained = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_xtrimo")
     random = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_random")
     assert trained["n_clusters"] == random["n_clusters"] == 8
-    assert trained["ari"] > random["ari"] + 0.05, (trained, random)
+    assert trained["ari"] > random["ari"] + 0.1, (trained, random)
     assert trained["nmi"] > random["nmi"], (trained, random)
     params = embedded.uns["xtrimo"]["params"]
     assert params["key_added"] == "X_random" and params["model"] == "untrained"

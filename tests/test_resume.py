@@ -1,7 +1,6 @@
 """Checkpoint and resume of tl.pretrain: a killed run resumes losing at most one save interval
 and ends where the uninterrupted run ends; saves are atomic."""
 
-import contextlib
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import one_thread
 
 import scxtrimo
 from conftest import subprocess_env
@@ -18,16 +18,6 @@ from scxtrimo.tl._checkpoint import TRAIN_STATE, load_train_state, save_train_st
 
 STEPS, SAVE_EVERY = 16, 2
 RUN = dict(batch_size=4, lr=1e-3, eval_every=6, eval_cells=8, block_cells=32, random_state=0, save_every=SAVE_EVERY)
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _cli(run, out, *flags):

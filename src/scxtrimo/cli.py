@@ -55,7 +55,7 @@ def _demo(args) -> int:
     print(f"{'embedding':<22}{'ARI':>7}{'NMI':>7}{'HOMO':>7}{'CP':>7}{'SIL':>7}")
     for name, s in (("xTrimoGene (X_xtrimo)", xs), ("PCA baseline (X_pca)", ps)):
         print(f"{name:<22}{s['ari']:7.3f}{s['nmi']:7.3f}{s['homogeneity']:7.3f}{s['completeness']:7.3f}{s['silhouette']:7.3f}")
-    ax = pl.embedding(adata, color=["cell_type", "leiden_X_xtrimo"], show=False)
+    ax = pl.embedding(adata, color=["cell_type", "leiden_X_xtrimo"], show=False, wspace=0.5)
     fig = (ax[0] if isinstance(ax, list) else ax).figure
     png = out / "pbmc3k_xtrimo_umap.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")

@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": None,  # filled in when the default checkpoint is published
+    "xtrimo-3m": "e49ba4f8b1da0cd8f335d4f94c2dd584dcd335fed0ec6c66fbe466ded8293ab6",
 }
 
 

@@ -4,6 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ._finish import finish
 from ..models._xtrimogene import XTrimoGene
 
 
@@ -42,9 +43,4 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     ax.set_xlabel("expression value (log1p CP10k)")
     ax.set_ylabel("bin weight (stacked)")
     ax.set_title(f"auto-discretization, {w.shape[1]} bins")
-    ax.figure.tight_layout()
-    if save:
-        ax.figure.savefig(save, dpi=150)
-    if show:
-        plt.show()
-    return None if show else ax
+    return finish(ax.figure, ax, show=show, save=save)

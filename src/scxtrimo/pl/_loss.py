@@ -3,6 +3,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ._finish import finish
+
 
 def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str | None = None):
     """Training and validation masked-value MSE against optimizer steps.
@@ -35,9 +37,4 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
         ax2.plot(history["step"], history["val_pearson"], color="grey", ls="--", label="validation Pearson r")
         ax2.set_ylabel("Pearson r")
     ax.legend(loc="upper right")
-    ax.figure.tight_layout()
-    if save:
-        ax.figure.savefig(save, dpi=150)
-    if show:
-        plt.show()
-    return None if show else ax
+    return finish(ax.figure, ax, show=show, save=save)

@@ -9,6 +9,7 @@ from ..data._masking import MaskingConfig, mask_values
 from ..data._prepare import iter_log1p_blocks, prepare_input
 from ..models._xtrimogene import XTrimoGene
 from .._anndata import rna_modality
+from ._finish import finish
 
 
 def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size: int = 8, random_state: int = 0,
@@ -82,9 +83,4 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
     a2.set_xlabel("cell sparsity (% zero genes)")
     a2.set_ylabel("Pearson r")
     a2.set_title("recovery by sparsity")
-    fig.tight_layout()
-    if save:
-        fig.savefig(save, dpi=150)
-    if show:
-        plt.show()
-    return None if show else [a1, a2]
+    return finish(fig, [a1, a2], show=show, save=save)
