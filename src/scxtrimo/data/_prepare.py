@@ -110,3 +110,17 @@ def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int = BLOCK_CELLS) ->
     for start in range(0, prep.adata.n_obs, block_cells):
         stop = min(start + block_cells, prep.adata.n_obs)
         yield start, stop, log1p_rows(prep, start, stop)
+
+
+def check_no_empty_cells(X: sp.csr_matrix, obs_names, *, start: int = 0) -> None:
+    """Raise ``ValueError`` if a row of the log1p block ``X`` has no expressed reference gene.
+
+    ``obs_names`` are the AnnData's cell names; ``start`` is the block's first row in them.
+    """
+    empty = np.flatnonzero(np.diff(X.indptr) == 0)
+    if empty.size:
+        names = list(obs_names[start + empty[:5]])
+        raise ValueError(
+            f"{empty.size} cells (e.g. {names}) express none of the reference genes and cannot be "
+            "used. Remove them first, e.g. `sc.pp.filter_cells(adata, min_genes=1)`."
+        )

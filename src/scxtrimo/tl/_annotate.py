@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
 from ..data._batching import csr_row_batch, length_batches, sortish_batches
-from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
-from ._embed import resolve_model
+from ._embed import _embed_rows, resolve_model, token_budget
 
 HEAD_FILE = "classifier.safetensors"
 CLASSES_FILE = "classes.json"
@@ -90,12 +90,7 @@ class CellTypeClassifier(nn.Module):
 def _collect(adata, gene_symbols):
     prep = prepare_input(adata, gene_symbols=gene_symbols)
     X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep)], format="csr")
-    empty = np.flatnonzero(np.diff(X.indptr) == 0)
-    if empty.size:
-        raise ValueError(
-            f"{empty.size} cells (e.g. {list(adata.obs_names[empty[:5]])}) express none of the reference "
-            "genes; remove them first, e.g. `sc.pp.filter_cells(adata, min_genes=1)`."
-        )
+    check_no_empty_cells(X, adata.obs_names)
     return X, prep
 
 
@@ -249,7 +244,7 @@ def annotate(
     """
     data = rna_modality(adata)
     dev = resolve_device(device)
-    budget = max_tokens or (262_144 if dev.type == "cuda" else 32_768)
+    budget = token_budget(dev, max_tokens)
     if labels_key is not None and labels_key not in data.obs:
         raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
 
@@ -307,8 +302,6 @@ def annotate(
 
     frozen = freeze == "all"
     if frozen:  # linear probe: embed once, then train the head on fixed embeddings
-        from ._embed import _embed_rows
-
         emb = np.empty((data.n_obs, backbone.embedding_dim), dtype=np.float32)
         for rows in length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget):
             rows = np.sort(rows)

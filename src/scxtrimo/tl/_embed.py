@@ -11,12 +11,17 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
 from ..data._batching import csr_row_batch, length_batches
-from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load
 from ..models._xtrimogene import POOLINGS, XTrimoGene
 
 #: Default encoder token budget per batch (cells x longest cell), by device type.
 MAX_TOKENS = {"cpu": 32_768, "cuda": 262_144}
+
+
+def token_budget(device: torch.device, max_tokens: int | None = None) -> int:
+    """``max_tokens`` if given, else the default encoder token budget for ``device``."""
+    return max_tokens or MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
 
 
 def resolve_model(model: str | os.PathLike | XTrimoGene, device: torch.device) -> XTrimoGene:
@@ -115,19 +120,13 @@ def embed(
     dev = resolve_device(device)
     net = resolve_model(model, dev)
     prep = prepare_input(data, gene_symbols=gene_symbols)
-    budget = max_tokens or MAX_TOKENS.get(dev.type, MAX_TOKENS["cpu"])
+    budget = token_budget(dev, max_tokens)
 
     out = np.empty((data.n_obs, net.embedding_dim), dtype=np.float32)
     bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress)
     for start, stop, X in iter_log1p_blocks(prep):
+        check_no_empty_cells(X, data.obs_names, start=start)
         lengths = np.diff(X.indptr)
-        empty = np.flatnonzero(lengths == 0)
-        if empty.size:
-            names = list(data.obs_names[start + empty[:5]])
-            raise ValueError(
-                f"{empty.size} cells (e.g. {names}) express none of the reference genes and cannot be "
-                "embedded. Remove them first, e.g. `sc.pp.filter_cells(adata, min_genes=1)`."
-            )
         for rows in length_batches(lengths, max_cells=batch_size, max_tokens=budget):
             rows = np.sort(rows)
             out[start + rows] = _embed_rows(net, X, rows, pooling, dev)
