@@ -6,7 +6,10 @@ every cell, its non-zero entries gathered into the encoder input, encoder, max p
 scxtrimo's path is ``tl.embed`` (length-bucketed batches, inference mode, streaming blocks).
 Both run the same weights; each measurement runs in its own process so peak RSS is clean.
 
-    python benchmarks/embed_throughput.py --models xtrimo-10m xtrimo-100m --cells 200
+    python benchmarks/embed_throughput.py --models xtrimo-3m xtrimo-10m xtrimo-100m
+
+MFU = useful encoder FLOPs (real tokens only, no padding; ``encoder_flops``) per second over the
+peak fp32 matmul rate measured on the same machine in the same run (``peak_flops``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,36 @@ def load_cells(dataset: str, n: int):
     return adata[: min(n, adata.n_obs)].copy()
 
 
-def worker(method: str, model_name: str, dataset: str, n: int) -> dict:
+def encoder_flops(config, lengths: np.ndarray) -> float:
+    """Forward FLOPs of auto-discretization + encoder for cells with ``lengths`` expressed genes.
+
+    Per layer and cell of length L: 2L(4d^2 + 2d*ff) for the projections and feed-forward, plus
+    4L^2 d for the two attention products; auto-discretization 2L(b + b^2 + b*d).
+    """
+    L = lengths.astype(np.float64)
+    d, ff, b = config.enc_dim, config.enc_ff_mult * config.enc_dim, config.n_bins
+    per_layer = 2 * L * (4 * d * d + 2 * d * ff) + 4 * L * L * d
+    return float((config.enc_depth * per_layer + 2 * L * (b + b * b + b * d)).sum())
+
+
+def peak_flops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None) -> float:
+    """Sustained matmul FLOP/s of this device (square n x n products; fp32 unless ``dtype``)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    best = 0.0
+    for _ in range(4):  # best of 4 rounds; the first warms up
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
+    return best
+
+
+def worker(method: str, model_name: str, dataset: str, n: int, device: str = "cpu") -> dict:
     import torch
 
     import scxtrimo
@@ -46,58 +78,80 @@ def worker(method: str, model_name: str, dataset: str, n: int) -> dict:
     from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 
     torch.manual_seed(0)
-    model = scxtrimo.models.XTrimoGene(model_name).eval()
+    dev = torch.device(device)
+    model = scxtrimo.models.XTrimoGene(model_name).eval().to(dev)
     adata = load_cells(dataset, n)
+    X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]
+    lengths = np.diff(X.indptr)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     if method == "scxtrimo":
-        scxtrimo.tl.embed(adata, model=model, progress=False)
+        scxtrimo.tl.embed(adata, model=model, device=device, progress=False)
         emb = adata.obsm["X_xtrimo"]
     else:
-        X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]
+        X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]  # timed, like tl.embed's
         emb = np.empty((adata.n_obs, model.embedding_dim), dtype=np.float32)
         with torch.no_grad():
             for i in range(adata.n_obs):
                 full = torch.zeros(19_266, dtype=torch.float32)  # genes + 2 depth slots
                 row = X[i]
                 full[torch.from_numpy(row.indices.astype(np.int64))] = torch.from_numpy(row.data)
+                full = full.to(dev)
                 genes = torch.nonzero(full[:19_264] > 0).squeeze(1)
-                batch = TokenBatch(genes[None], full[genes][None], torch.ones(1, len(genes), dtype=torch.bool))
-                emb[i] = model.embed_cells(batch).numpy()[0]
+                batch = TokenBatch(genes[None], full[genes][None], torch.ones(1, len(genes), dtype=torch.bool, device=dev))
+                emb[i] = model.embed_cells(batch).cpu().numpy()[0]
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tokens = int(np.diff(X.indptr).sum()) if method != "scxtrimo" else int((adata.X > 0).sum())
+    flops = encoder_flops(model.config, lengths)
     return {"method": method, "model": model_name, "dataset": dataset, "cells": adata.n_obs,
             "seconds": dt, "cells_per_s": adata.n_obs / dt, "peak_rss_mb": rss1 / 1024,
-            "rss_growth_mb": (rss1 - rss0) / 1024, "emb_checksum": float(np.abs(emb).sum()), "tokens": tokens,
-            "threads": torch.get_num_threads()}
+            "rss_growth_mb": (rss1 - rss0) / 1024, "emb_checksum": float(np.abs(emb).sum()),
+            "tokens": int(lengths.sum()), "mean_genes": float(lengths.mean()), "gflop_per_s": flops / dt / 1e9,
+            "threads": torch.get_num_threads(), "device": device,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["xtrimo-10m", "xtrimo-100m"])
     ap.add_argument("--datasets", nargs="+", default=["pbmc3k", "cellbench_celseq2"])
-    ap.add_argument("--cells", type=int, default=200)
-    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--cells", type=int, nargs="+", default=[300, 30],
+                    help="cells per data set (one number, or one per data set)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (authors' path fp32, tl.embed bf16 autocast)")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        method, model, dataset, n = args.worker
-        print(json.dumps(worker(method, model, dataset, int(n))))
+        method, model, dataset, n, device = args.worker
+        print(json.dumps(worker(method, model, dataset, int(n), device)))
         return
+    cells = dict(zip(args.datasets, args.cells * len(args.datasets) if len(args.cells) == 1 else args.cells))
+    import torch
+
+    # MFU reference: fp32 on CPU; on CUDA bf16 (what tl.embed runs; the authors' fp32 path is
+    # measured against the same bf16 peak, so its MFU there is a lower bound)
+    peak = peak_flops() if args.device == "cpu" else peak_flops(8192, 20, "cuda", torch.bfloat16)
+    print(f"peak matmul ({args.device}): {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for model in args.models:
         for dataset in args.datasets:
+            n = cells[dataset] if "100m" not in model else max(cells[dataset] // 5, 6)
             pair = {}
             for method in ("authors", "scxtrimo"):
-                out = subprocess.run([sys.executable, __file__, "--worker", method, model, dataset, str(args.cells)],
+                out = subprocess.run([sys.executable, __file__, "--worker", method, model, dataset, str(n), args.device],
                                      capture_output=True, text=True, check=True)
                 pair[method] = json.loads(out.stdout.strip().splitlines()[-1])
+                pair[method]["mfu"] = pair[method]["gflop_per_s"] * 1e9 / peak
                 rows.append(pair[method])
             speedup = pair["scxtrimo"]["cells_per_s"] / pair["authors"]["cells_per_s"]
             print(f"{model:12s} {dataset:18s} authors {pair['authors']['cells_per_s']:7.2f} cells/s "
-                  f"({pair['authors']['peak_rss_mb']:.0f} MB)  scxtrimo {pair['scxtrimo']['cells_per_s']:7.2f} cells/s "
-                  f"({pair['scxtrimo']['peak_rss_mb']:.0f} MB)  speed-up {speedup:.2f}x", flush=True)
-    print(json.dumps(rows, indent=1))
+                  f"({pair['authors']['peak_rss_mb']:.0f} MB, MFU {pair['authors']['mfu']:.0%})  scxtrimo {pair['scxtrimo']['cells_per_s']:7.2f} cells/s "
+                  f"({pair['scxtrimo']['peak_rss_mb']:.0f} MB, MFU {pair['scxtrimo']['mfu']:.0%})  speed-up {speedup:.2f}x", flush=True)
+    print(json.dumps({"peak_gflop_per_s": peak / 1e9, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

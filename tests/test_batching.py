@@ -31,6 +31,11 @@ def test_length_batches_cover_every_cell_within_budget(pbmc3k_prepared):
     rng = np.random.default_rng(0)
     naive = np.array_split(rng.permutation(len(lengths)), len(batches))
     assert padding_fraction(lengths, naive) > 0.2
+    # tl.embed's CUDA defaults (256 cells, 262,144 tokens): 12 large batches, still under 10%
+    from scxtrimo.tl._embed import BATCH_CELLS, MAX_TOKENS
+
+    cuda = length_batches(lengths, max_cells=BATCH_CELLS["cuda"], max_tokens=MAX_TOKENS["cuda"])
+    assert padding_fraction(lengths, cuda) < 0.10
 
 
 def test_select_tokens_round_trip(pbmc3k_prepared):

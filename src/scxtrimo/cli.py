@@ -1,12 +1,14 @@
 """Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo`` and ``scxtrimo pretrain``.
 
-``scxtrimo pretrain`` works alone and under ``torchrun --nproc_per_node=N -m scxtrimo.cli
-pretrain ...`` (data-parallel training, see :func:`scxtrimo.tl.pretrain`).
+``scxtrimo embed`` and ``scxtrimo pretrain`` work alone and under ``torchrun --nproc_per_node=N -m scxtrimo.cli
+embed|pretrain ...`` (sharded embedding, see :func:`scxtrimo.tl.embed`; data-parallel training, see
+:func:`scxtrimo.tl.pretrain`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,8 @@ def _embed(args) -> int:
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
              key_added=args.key_added, gene_symbols=args.gene_symbols)
     dt = time.perf_counter() - t
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
+        return 0
     adata.write_h5ad(args.output, compression="gzip")
     print(f"embedded {adata.n_obs} cells into obsm[{args.key_added!r}] "
           f"({adata.obsm[args.key_added].shape[1]} dims) in {dt:.1f} s -> {args.output}")
@@ -168,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"scxtrimo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("embed", help="embed the cells of an .h5ad file into obsm['X_xtrimo']")
+    e = sub.add_parser("embed", help="embed the cells of an .h5ad file into obsm['X_xtrimo']; works under torchrun",
+                       description="Embed the cells of an .h5ad file. Sharded over processes: "
+                                   "torchrun --nproc_per_node=N -m scxtrimo.cli embed IN OUT (rank 0 writes OUT).")
     e.add_argument("input", help="input .h5ad: raw counts (or normalized) with gene symbols")
     e.add_argument("output", help="output .h5ad (the input plus the embedding)")
     e.add_argument("--model", default="xtrimo-3m", help="checkpoint name or folder (default: xtrimo-3m, bundled)")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=None, help="most cells per batch (default: 1 on CPU, 256 on CUDA)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--pooling", default="max", choices=["max", "mean"])
     e.add_argument("--key-added", default="X_xtrimo")

@@ -14,9 +14,19 @@ from ..data._batching import csr_row_batch, length_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load
 from ..models._xtrimogene import POOLINGS, XTrimoGene
+from ._distributed import DistContext, init_distributed
 
 #: Default encoder token budget per batch (cells x longest cell), by device type.
-MAX_TOKENS = {"cpu": 32_768, "cuda": 262_144}
+MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
+#: Default most cells per encoder batch, by device type. On CPU one cell per call is fastest
+#: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
+#: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
+BATCH_CELLS = {"cpu": 1, "cuda": 256}
+
+
+def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
+    """``batch_size`` if given, else the default most cells per encoder batch for ``device``."""
+    return batch_size or BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
 
 
 def token_budget(device: torch.device, max_tokens: int | None = None) -> int:
@@ -46,11 +56,26 @@ def _embed_rows(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: to
                                _embed_rows(model, X, rows[half:], pooling, device)])
 
 
+def _gather_rows(out: np.ndarray, start: int, shards: list[np.ndarray], ctx: DistContext, device: torch.device) -> None:
+    """Give every rank the rows the other ranks embedded: ``shards[r]`` are rank ``r``'s rows of
+    the block starting at ``start``; ``out[start + shards[ctx.rank]]`` is filled locally."""
+    import torch.distributed as dist
+
+    width = max(len(s) for s in shards)
+    local = torch.zeros(width, out.shape[1], dtype=torch.float32)
+    local[: len(shards[ctx.rank])] = torch.from_numpy(out[start + shards[ctx.rank]])
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    parts = [torch.empty_like(local, device=comm) for _ in shards]
+    dist.all_gather(parts, local.to(comm))
+    for rows, part in zip(shards, parts):
+        out[start + rows] = part[: len(rows)].cpu().numpy()
+
+
 def embed(
     adata,
     *,
     model: str | os.PathLike | XTrimoGene = "xtrimo-3m",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     max_tokens: int | None = None,
     device: str = "auto",
     pooling: str = "max",
@@ -70,6 +95,13 @@ def embed(
     Cells are batched with others of similar length, so little work goes to padding. The result
     is deterministic for a given model, input and device.
 
+    Under ``torchrun`` (or inside an initialized ``torch.distributed`` process group) the work is
+    sharded: every process reads the same input, embeds every ``world_size``-th length batch on
+    its own device (``cuda:LOCAL_RANK``, backend nccl; gloo on CPU) and the rows are gathered so
+    that every process ends with the full embedding, identical to a single process's (the
+    batches are the same; only their owner changes). ``scxtrimo embed`` writes the output from
+    rank 0: ``torchrun --nproc_per_node=4 -m scxtrimo.cli embed in.h5ad out.h5ad``.
+
     Parameters
     ----------
     adata
@@ -80,9 +112,10 @@ def embed(
         Checkpoint name (``"xtrimo-3m"``, bundled), checkpoint folder, or an
         :class:`~scxtrimo.models.XTrimoGene`.
     batch_size
-        Most cells per encoder batch.
+        Most cells per encoder batch; defaults to 1 on CPU (fastest there, by measurement) and
+        256 on CUDA.
     max_tokens
-        Most tokens (cells x longest cell in the batch) per batch; defaults to 32,768 on CPU and
+        Most tokens (cells x longest cell in the batch) per batch; defaults to 4,096 on CPU and
         262,144 on CUDA. On CUDA, an out-of-memory batch is halved and retried.
     device
         ``"auto"`` (CUDA if available, with bf16 autocast), ``"cpu"`` or ``"cuda"``.
@@ -117,21 +150,27 @@ def embed(
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
     target = adata.copy() if copy else adata
     data = rna_modality(target)
-    dev = resolve_device(device)
-    net = resolve_model(model, dev)
     prep = prepare_input(data, gene_symbols=gene_symbols)
-    budget = token_budget(dev, max_tokens)
-
-    out = np.empty((data.n_obs, net.embedding_dim), dtype=np.float32)
-    bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress)
-    for start, stop, X in iter_log1p_blocks(prep):
-        check_no_empty_cells(X, data.obs_names, start=start)
-        lengths = np.diff(X.indptr)
-        for rows in length_batches(lengths, max_cells=batch_size, max_tokens=budget):
-            rows = np.sort(rows)
-            out[start + rows] = _embed_rows(net, X, rows, pooling, dev)
-            bar.update(len(rows))
-    bar.close()
+    ctx, dev = init_distributed(device)
+    try:
+        net = resolve_model(model, dev)
+        budget, cells = token_budget(dev, max_tokens), batch_cells(dev, batch_size)
+        out = np.zeros((data.n_obs, net.embedding_dim), dtype=np.float32)
+        bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress or not ctx.is_main)
+        for start, stop, X in iter_log1p_blocks(prep):
+            check_no_empty_cells(X, data.obs_names, start=start)
+            batches = [np.sort(b) for b in length_batches(np.diff(X.indptr), max_cells=cells, max_tokens=budget)]
+            for rows in batches[ctx.rank :: ctx.world_size]:
+                out[start + rows] = _embed_rows(net, X, rows, pooling, dev)
+                bar.update(len(rows))
+            if ctx.world_size > 1:
+                shards = [np.concatenate(batches[r :: ctx.world_size] or [np.zeros(0, np.int64)]).astype(np.int64)
+                          for r in range(ctx.world_size)]
+                _gather_rows(out, start, shards, ctx, dev)
+                bar.update(sum(len(s) for r, s in enumerate(shards) if r != ctx.rank))
+        bar.close()
+    finally:
+        ctx.shutdown()
 
     data.obsm[key_added] = out
     xtrimo_uns(data)["params"] = {
@@ -144,5 +183,6 @@ def embed(
         "key_added": key_added,
         "input": prep.kind,
         "device": dev.type,
+        "world_size": ctx.world_size,
     }
     return target if copy else None
