@@ -41,7 +41,11 @@ class CellTypeClassifier(nn.Module):
     backbone : XTrimoGene
         The (fine-tuned) model; only its encoder side is used.
     head : torch.nn.Linear
-        ``d -> n_classes``.
+        ``d -> n_classes``, applied to the pooled embedding standardized with the training
+        cells' per-feature mean and standard deviation (buffers ``feature_mean`` and
+        ``feature_scale``). Standardizing is a fixed affine map, so head and standardization
+        together are still the paper's one linear layer; it only makes the head train well on
+        max-pooled features, whose offsets and scales differ widely.
     classes : list of str
         Class names in the order of the output columns.
     freeze : str or int
@@ -54,18 +58,31 @@ class CellTypeClassifier(nn.Module):
         self.backbone = backbone
         self.classes = [str(c) for c in classes]
         self.head = nn.Linear(backbone.embedding_dim, len(self.classes))
+        self.register_buffer("feature_mean", torch.zeros(backbone.embedding_dim))
+        self.register_buffer("feature_scale", torch.ones(backbone.embedding_dim))
         self.freeze = freeze
         self.pooling = pooling
         self.summary: dict = {}
 
     def forward(self, batch) -> torch.Tensor:
-        return self.head(self.backbone.embed_cells(batch, self.pooling))
+        return self.classify(self.backbone.embed_cells(batch, self.pooling))
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(n, n_classes)`` from pooled embeddings ``(n, d)``."""
+        return self.head((embedding.float() - self.feature_mean) / self.feature_scale)
+
+    def set_standardization(self, embedding: np.ndarray) -> None:
+        """Per-feature mean and standard deviation of training-cell embeddings ``(n, d)``."""
+        e = torch.as_tensor(np.asarray(embedding, dtype=np.float64))
+        self.feature_mean.copy_(e.mean(0).float())
+        self.feature_scale.copy_(e.std(0, correction=0).clamp(min=1e-6).float() if len(e) > 1 else torch.ones(e.shape[1]))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the backbone checkpoint plus ``classifier.safetensors`` and ``classes.json``."""
         path = Path(path)
         self.backbone.save(path / "backbone")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(path / HEAD_FILE))
+        tensors = {**self.head.state_dict(), "feature_mean": self.feature_mean, "feature_scale": self.feature_scale}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / HEAD_FILE))
         meta = {"classes": self.classes, "freeze": self.freeze, "pooling": self.pooling,
                 "summary": self.summary, "base_model": self.backbone.checkpoint_name}
         (path / CLASSES_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
@@ -81,7 +98,10 @@ class CellTypeClassifier(nn.Module):
         backbone = load_model(path / "backbone")
         backbone.checkpoint_name = meta.get("base_model") or backbone.checkpoint_name
         clf = cls(backbone, meta["classes"], meta["freeze"], meta["pooling"])
-        clf.head.load_state_dict(load_file(str(path / HEAD_FILE)), strict=True)
+        tensors = load_file(str(path / HEAD_FILE))
+        clf.feature_mean.copy_(tensors.pop("feature_mean"))
+        clf.feature_scale.copy_(tensors.pop("feature_scale"))
+        clf.head.load_state_dict(tensors, strict=True)
         clf.summary = meta.get("summary", {})
         return clf.to(device).eval()
 
@@ -114,6 +134,24 @@ def stratified_split(labels: np.ndarray, random_state: int = 0, fractions=(0.8, 
         parts["test"].append(idx[n_val : n_val + n_test])
         parts["train"].append(idx[n_val + n_test :])
     return {k: np.sort(np.concatenate(v)) if v else np.array([], dtype=int) for k, v in parts.items()}, small
+
+
+def _stored_embedding(data, use_rep: str, backbone: XTrimoGene, pooling: str) -> np.ndarray:
+    """``obsm[use_rep]`` as float32, checked to be ``backbone``'s embedding from ``tl.embed``."""
+    if use_rep not in data.obsm:
+        raise KeyError(f"obsm[{use_rep!r}] not found; run scxtrimo.tl.embed(adata, key_added={use_rep!r}) first.")
+    params = data.uns.get("xtrimo", {}).get("params", {})
+    sha = backbone.checkpoint_sha256
+    made_here = (params.get("key_added") == use_rep and sha is not None and params.get("sha256") == str(sha)
+                 and params.get("pooling") == pooling)
+    if not made_here:
+        raise ValueError(f"obsm[{use_rep!r}] was not made by tl.embed with checkpoint "
+                         f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params'] "
+                         f"says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
+    emb = np.asarray(data.obsm[use_rep], dtype=np.float32)
+    if emb.shape != (data.n_obs, backbone.embedding_dim):
+        raise ValueError(f"obsm[{use_rep!r}] has shape {emb.shape}; expected ({data.n_obs}, {backbone.embedding_dim}).")
+    return emb
 
 
 def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
@@ -178,6 +216,7 @@ def annotate(
     key_added: str = "xtrimo_label",
     gene_symbols: str | None = None,
     max_tokens: int | None = None,
+    use_rep: str | None = None,
     progress: bool = True,
 ):
     """Annotate cell types: fine-tune xTrimoGene on labelled cells, or apply a trained classifier.
@@ -217,6 +256,15 @@ def annotate(
         Where predictions go (below).
     gene_symbols
         ``var`` column with gene symbols if ``var_names`` are not symbols.
+    max_tokens
+        Encoder token budget per batch (see :func:`scxtrimo.tl.embed`).
+    use_rep
+        Linear probe only (training with ``freeze="all"``, or applying a classifier trained so):
+        an ``obsm`` key holding this checkpoint's embeddings from :func:`scxtrimo.tl.embed`
+        (same checkpoint sha256 and pooling, as recorded in ``uns['xtrimo']['params']``), used
+        instead of embedding the cells again.
+    progress
+        Show a progress bar.
 
     Returns
     -------
@@ -236,7 +284,8 @@ def annotate(
     Raises
     ------
     ValueError
-        No ``labels_key`` when training; fewer than two labelled classes; bad ``freeze``; the
+        No ``labels_key`` when training; fewer than two labelled classes; bad ``freeze``;
+        ``use_rep`` without ``freeze="all"`` or not made by ``tl.embed`` with this checkpoint; the
         alignment/validation errors of :func:`scxtrimo.pp.align_genes` (e.g. too few matched
         genes in a query); cells with no expressed reference gene.
     KeyError
@@ -251,7 +300,15 @@ def annotate(
     if isinstance(model, CellTypeClassifier):
         clf = model.to(dev)
         X, prep = _collect(data, gene_symbols)
-        proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
+        if use_rep is not None:
+            if clf.freeze != "all":
+                raise ValueError(f"use_rep={use_rep!r} works with linear-probe classifiers only (freeze='all'); this one "
+                                 f"was trained with freeze={clf.freeze!r}. Drop use_rep.")
+            emb = torch.from_numpy(_stored_embedding(data, use_rep, clf.backbone, clf.pooling)).to(dev)
+            with torch.no_grad():
+                proba = torch.softmax(clf.classify(emb), -1).cpu().numpy()
+        else:
+            proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
         report = {"classes": clf.classes, "mode": "predict", "n_genes_matched": int(prep.n_matched)}
         if labels_key is not None:
             lab = data.obs[labels_key]
@@ -260,6 +317,8 @@ def annotate(
         _write(data, clf, proba, key_added, report)
         return clf
 
+    if use_rep is not None and freeze != "all" and not isinstance(model, CellTypeClassifier):
+        raise ValueError(f"use_rep={use_rep!r} works with the linear probe only; pass freeze='all' or drop use_rep.")
     if labels_key is None:
         raise ValueError("Pass labels_key= (an obs column of cell types) to train, or a trained classifier as model=.")
     labels = data.obs[labels_key]
@@ -302,11 +361,19 @@ def annotate(
 
     frozen = freeze == "all"
     if frozen:  # linear probe: embed once, then train the head on fixed embeddings
-        emb = np.empty((data.n_obs, backbone.embedding_dim), dtype=np.float32)
-        for rows in length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget):
-            rows = np.sort(rows)
-            emb[rows] = _embed_rows(clf.backbone, X, rows, clf.pooling, dev)
+        if use_rep is not None:
+            emb = _stored_embedding(data, use_rep, backbone, clf.pooling)
+        else:
+            emb = np.empty((data.n_obs, backbone.embedding_dim), dtype=np.float32)
+            for rows in length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget):
+                rows = np.sort(rows)
+                emb[rows] = _embed_rows(clf.backbone, X, rows, clf.pooling, dev)
         emb_t = torch.from_numpy(emb).to(dev)
+        clf.set_standardization(emb[split["train"]])
+    else:  # standardize with the starting backbone's embeddings of (up to 512) training cells
+        sample = np.sort(rng.permutation(split["train"])[:512])
+        clf.set_standardization(np.concatenate([_embed_rows(clf.backbone, X, rows, clf.pooling, dev)
+                                                for rows in np.array_split(sample, max(1, len(sample) // 64))]))
 
     def val_f1() -> float:
         rows = split["validation"]
@@ -314,7 +381,7 @@ def annotate(
             return float("nan")
         if frozen:
             with torch.no_grad():
-                proba = torch.softmax(clf.head(emb_t[rows]), -1).cpu().numpy()
+                proba = torch.softmax(clf.classify(emb_t[rows]), -1).cpu().numpy()
         else:
             proba = _predict_proba(clf, X, rows, dev, batch_size * 4, budget)
         return _scores(np.asarray(classes)[y_idx[rows]], proba, classes)["macro_f1"]
@@ -326,11 +393,15 @@ def annotate(
     for epoch in bar:
         clf.train()
         losses = []
-        for b in sortish_batches(train_lengths, batch_size, rng, drop_last=False):
+        # the encoder wants cells of similar length together; the probe needs no such grouping,
+        # and length-sorted batches (length tracks cell type) bias its updates
+        order = (np.array_split(rng.permutation(len(train_lengths)), max(1, -(-len(train_lengths) // batch_size)))
+                 if frozen else sortish_batches(train_lengths, batch_size, rng, drop_last=False))
+        for b in order:
             rows = split["train"][np.sort(b)]
             target = torch.from_numpy(y_idx[rows]).to(dev)
             if frozen:
-                logits = clf.head(emb_t[rows])
+                logits = clf.classify(emb_t[rows])
             else:
                 batch = csr_row_batch(X, rows).to(dev)
                 with autocast(dev):
@@ -340,7 +411,7 @@ def annotate(
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         f1 = val_f1()
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": f1})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{f1:.3f}")
@@ -352,7 +423,11 @@ def annotate(
     clf.load_state_dict(best[2])
     clf.eval()
 
-    proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
+    if frozen:
+        with torch.no_grad():
+            proba = torch.softmax(clf.classify(emb_t), -1).cpu().numpy()
+    else:
+        proba = _predict_proba(clf, X, np.arange(data.n_obs), dev, batch_size * 4, budget)
     test = split["test"]
     y_test = np.asarray(classes)[y_idx[test]]
     pred_test = np.asarray(classes)[proba[test].argmax(1)]
