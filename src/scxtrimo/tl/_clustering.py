@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import scanpy as sc
+import scipy.sparse as sp
 from sklearn import metrics
 
 from .._anndata import rna_modality, xtrimo_uns
@@ -112,6 +113,8 @@ def pca_baseline(adata, *, n_top_genes: int = 2000, n_comps: int = 50, random_st
     sc.pp.normalize_total(base, target_sum=1e4)
     sc.pp.log1p(base)
     sc.pp.highly_variable_genes(base, n_top_genes=n_top_genes, subset=True)
+    if sp.issparse(base.X):  # scaling zero-centres, which densifies anyway: do it explicitly
+        base.X = base.X.toarray()
     sc.pp.scale(base, max_value=10)
     sc.pp.pca(base, n_comps=n_comps, random_state=random_state)
     return base
