@@ -27,7 +27,7 @@ from ..data._batching import csr_row_batch, length_batches, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
-from ._embed import _embed_rows, resolve_model, token_budget
+from ._embed import embed_matrix, resolve_model, token_budget
 
 HEAD_FILE = "classifier.safetensors"
 CLASSES_FILE = "classes.json"
@@ -317,7 +317,7 @@ def annotate(
         _write(data, clf, proba, key_added, report)
         return clf
 
-    if use_rep is not None and freeze != "all" and not isinstance(model, CellTypeClassifier):
+    if use_rep is not None and freeze != "all":
         raise ValueError(f"use_rep={use_rep!r} works with the linear probe only; pass freeze='all' or drop use_rep.")
     if labels_key is None:
         raise ValueError("Pass labels_key= (an obs column of cell types) to train, or a trained classifier as model=.")
@@ -364,16 +364,12 @@ def annotate(
         if use_rep is not None:
             emb = _stored_embedding(data, use_rep, backbone, clf.pooling)
         else:
-            emb = np.empty((data.n_obs, backbone.embedding_dim), dtype=np.float32)
-            for rows in length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget):
-                rows = np.sort(rows)
-                emb[rows] = _embed_rows(clf.backbone, X, rows, clf.pooling, dev)
+            emb = embed_matrix(clf.backbone, X, np.arange(data.n_obs), clf.pooling, dev, max_cells=256, max_tokens=budget)
         emb_t = torch.from_numpy(emb).to(dev)
         clf.set_standardization(emb[split["train"]])
     else:  # standardize with the starting backbone's embeddings of (up to 512) training cells
         sample = np.sort(rng.permutation(split["train"])[:512])
-        clf.set_standardization(np.concatenate([_embed_rows(clf.backbone, X, rows, clf.pooling, dev)
-                                                for rows in np.array_split(sample, max(1, len(sample) // 64))]))
+        clf.set_standardization(embed_matrix(clf.backbone, X, sample, clf.pooling, dev, max_cells=64, max_tokens=budget))
 
     def val_f1() -> float:
         rows = split["validation"]

@@ -56,6 +56,16 @@ def _embed_rows(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: to
                                _embed_rows(model, X, rows[half:], pooling, device)])
 
 
+def embed_matrix(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device, *, max_cells: int,
+                 max_tokens: int) -> np.ndarray:
+    """Embeddings ``(len(rows), d)`` of ``X[rows]`` (log1p rows), in length-bucketed batches."""
+    out = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
+    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
+        b = np.sort(b)
+        out[b] = _embed_rows(model, X, rows[b], pooling, device)
+    return out
+
+
 def _gather_rows(out: np.ndarray, start: int, shards: list[np.ndarray], ctx: DistContext, device: torch.device) -> None:
     """Give every rank the rows the other ranks embedded: ``shards[r]`` are rank ``r``'s rows of
     the block starting at ``start``; ``out[start + shards[ctx.rank]]`` is filled locally."""
