@@ -84,11 +84,47 @@ def test_fine_tuning_last_layer_updates_only_that_layer(pbmc3k, tiny_config):
     small = pbmc3k[:160].copy()
     small.obs.loc[small.obs_names[:10], "cell_type"] = np.nan
     with pytest.warns(UserWarning, match="no label"):
-        clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, freeze=1, epochs=1, batch_size=16, progress=False)
+        clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, freeze=1, epochs=1, batch_size=16,
+                                   warm_start=False, progress=False)
+    assert small.uns["xtrimo"]["annotate"]["best_epoch"] == 1  # no probe to fall back to: the tuned epoch is kept
     before, after = base.state_dict(), clf.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("encoder.blocks.1.") or k.startswith("encoder.norm.") for k in changed)
     assert small.obs["xtrimo_label"].notna().all()
+
+
+def test_fine_tuning_starts_from_a_warm_probe_and_never_ends_below_it(pbmc3k, tiny_config):
+    torch.manual_seed(0)
+    small = pbmc3k[:300].copy()
+    clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=XTrimoGene(tiny_config), freeze=1, epochs=2,
+                               batch_size=16, random_state=1, progress=False)
+    rep = small.uns["xtrimo"]["annotate"]
+    hist = rep["history"]
+    stages = list(hist["stage"])
+    assert stages[0] == "warm start" and stages[-1] == "fine-tune" and stages.count("fine-tune") <= 2
+    assert stages.index("fine-tune") == stages.count("warm start")  # the probe runs first, then fine-tuning
+    probe_best = hist.loc[hist["stage"] == "warm start", "val_macro_f1"].max()
+    tuned = hist.loc[hist["stage"] == "fine-tune", "val_macro_f1"]
+    assert rep["warm_start"] and rep["val_macro_f1"] == max(probe_best, tuned.max())
+    assert rep["best_epoch"] == (0 if probe_best >= tuned.max() else int(tuned.to_numpy().argmax()) + 1)
+    # the head reads embeddings standardized with the training cells' statistics
+    assert torch.all(clf.feature_scale > 0) and not torch.allclose(clf.feature_mean, torch.zeros_like(clf.feature_mean))
+
+
+def test_without_validation_cells_the_trained_weights_are_kept(pbmc3k, tiny_config):
+    torch.manual_seed(0)
+    base = XTrimoGene(tiny_config)
+    small = pbmc3k[:4].copy()
+    small.obs["cell_type"] = ["A", "A", "B", "B"]  # too small to split: all four cells train
+    with pytest.warns(UserWarning, match="cannot be split"), pytest.warns(UserWarning, match="no validation"):
+        clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, freeze=1, epochs=2, warm_start=False,
+                                   patience=1, progress=False)
+    rep = small.uns["xtrimo"]["annotate"]
+    assert rep["split_sizes"] == {"train": 4, "validation": 0, "test": 0}
+    assert rep["best_epoch"] == 2 and len(rep["history"]) == 2  # not the untrained start, no early stop
+    assert np.isnan(rep["test_macro_f1"]) and np.asarray(rep["confusion_matrix"]).sum() == 0
+    before, after = base.state_dict(), clf.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_labels_are_reported(pbmc3k, tiny_config):

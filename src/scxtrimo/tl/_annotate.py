@@ -31,6 +31,8 @@ from ._embed import embed_matrix, resolve_model, token_budget
 
 HEAD_FILE = "classifier.safetensors"
 CLASSES_FILE = "classes.json"
+WARM_START_EPOCHS = 40  # head-only epochs on frozen embeddings before fine-tuning (LP-FT)
+WARM_START_PATIENCE = 6
 
 
 class CellTypeClassifier(nn.Module):
@@ -189,6 +191,9 @@ def _predict_proba(clf: CellTypeClassifier, X: sp.csr_matrix, rows: np.ndarray, 
 
 
 def _scores(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """Macro-F1, macro precision and accuracy over the classes present; NaN without cells."""
+    if not len(y_true):
+        return {"macro_f1": float("nan"), "macro_precision": float("nan"), "accuracy": float("nan")}
     y_pred = np.asarray(classes)[proba.argmax(1)]
     present = sorted(set(y_true))
     return {
@@ -196,6 +201,51 @@ def _scores(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
         "macro_precision": float(metrics.precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
     }
+
+
+def _val_macro_f1(proba: np.ndarray, y_true: np.ndarray, classes: list[str]) -> float:
+    """Validation macro-F1, or NaN when there are no validation cells."""
+    return _scores(y_true, proba, classes)["macro_f1"]
+
+
+def _run_epochs(clf: CellTypeClassifier, opt: torch.optim.Optimizer, loss_fn: nn.Module, y_idx: np.ndarray, *,
+                batches, logits, val_f1, epochs: int, patience: int, stage: str, history: list, progress: bool,
+                best: tuple | None = None, autocast_device: torch.device | None = None) -> tuple:
+    """Train with early stopping on validation macro-F1; return ``(f1, epoch, state_dict)`` of the best.
+
+    ``batches()`` gives one epoch's row-index batches, ``logits(rows)`` the class logits of those
+    cells, ``val_f1()`` the validation macro-F1 (NaN without validation cells: then the latest
+    epoch counts as best). ``best`` is the state to beat (epoch 0), e.g. a warm-start probe.
+    """
+    best = best if best is not None else (-1.0, 0, _copy.deepcopy(clf.state_dict()))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    bar = tqdm(range(epochs), desc=f"annotate ({stage})", unit="epoch", disable=not progress)
+    for epoch in range(1, epochs + 1):
+        clf.train()
+        losses = []
+        for rows in batches():
+            target = torch.from_numpy(y_idx[rows]).to(params[0].device)
+            if autocast_device is not None:
+                with autocast(autocast_device):
+                    out = logits(rows)
+            else:
+                out = logits(rows)
+            loss = loss_fn(out.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        f1 = val_f1()
+        history.append({"stage": stage, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_macro_f1": f1})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{f1:.3f}")
+        if np.isnan(f1) or f1 > best[0]:
+            best = (f1, epoch, _copy.deepcopy(clf.state_dict()))
+        elif epoch - best[1] >= patience:
+            break
+    bar.close()
+    return best
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -210,6 +260,7 @@ def annotate(
     lr: float = 1e-4,
     head_lr: float = 1e-3,
     patience: int = 3,
+    warm_start: bool = True,
     class_weight: bool = True,
     device: str = "auto",
     random_state: int = 0,
@@ -225,7 +276,10 @@ def annotate(
     one linear layer is trained (paper section 5.4.1, appendix 8.1) on a stratified 8:1:1
     train/validation/test split of the labelled cells, with class-weighted cross-entropy
     (rare types count as much as common ones), AdamW, and early stopping on validation macro-F1
-    (the best epoch's weights are kept). Prediction (``model`` a :class:`CellTypeClassifier`):
+    (the best epoch's weights are kept). Fine-tuning starts from a warm head: the linear layer is
+    first trained alone on the frozen starting embeddings (linear probing, then fine-tuning:
+    LP-FT), and that probe is epoch 0 of early stopping, so the fine-tuned classifier is never
+    worse on validation cells than the probe it started from. Prediction (``model`` a :class:`CellTypeClassifier`):
     the classifier is applied to ``adata`` as it is, whatever its genes or depth; the data go
     through the same alignment and normalization as in training.
 
@@ -246,6 +300,11 @@ def annotate(
     epochs, batch_size, lr, head_lr, patience
         Training schedule: at most ``epochs`` passes, encoder learning rate ``lr``, head learning
         rate ``head_lr``, stop after ``patience`` epochs without a better validation macro-F1.
+    warm_start
+        Fine-tuning only (``freeze`` not ``"all"``): before fine-tuning, train the head alone on
+        the starting encoder's embeddings of the training cells (up to 40 epochs, patience 6;
+        costs one embedding pass over the training and validation cells). ``False`` starts the
+        fine-tuning from a randomly initialized head.
     class_weight
         Weight the loss by inverse class frequency.
     device
@@ -337,6 +396,10 @@ def annotate(
         warnings.warn(f"Classes with fewer than 3 cells cannot be split 8:1:1 and are used for training only: {small}.",
                       UserWarning, stacklevel=2)
     split = {k: labelled[v] for k, v in split_local.items()}
+    if not len(split["validation"]):
+        warnings.warn("No class has 3 or more labelled cells, so there are no validation or test cells: every "
+                      "epoch runs (no early stopping) and the test scores are NaN. Label more cells per class.",
+                      UserWarning, stacklevel=2)
     class_index = {c: i for i, c in enumerate(classes)}
     y_idx = np.full(data.n_obs, -1, dtype=np.int64)
     y_idx[labelled] = [class_index[c] for c in y_str]
@@ -352,71 +415,59 @@ def annotate(
         w = np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0)
         weight = torch.tensor(w, dtype=torch.float32, device=dev)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    groups = [{"params": list(clf.head.parameters()), "lr": head_lr}]
-    enc = [p for p in clf.backbone.parameters() if p.requires_grad]
-    if enc:
-        groups.append({"params": enc, "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     rng = np.random.default_rng(random_state)
-
+    history: list[dict] = []
     frozen = freeze == "all"
-    if frozen:  # linear probe: embed once, then train the head on fixed embeddings
+    y_names = np.asarray(classes)
+
+    def probe_f1(emb_val: torch.Tensor) -> float:
+        with torch.no_grad():
+            return _val_macro_f1(torch.softmax(clf.classify(emb_val), -1).cpu().numpy(), y_names[y_idx[split["validation"]]], classes)
+
+    if frozen or warm_start:
+        # the probe trains on fixed embeddings: of every cell for the linear probe (it predicts
+        # them all), of the training and validation cells for a warm start
         if use_rep is not None:
             emb = _stored_embedding(data, use_rep, backbone, clf.pooling)
+            emb_rows = np.arange(data.n_obs)
         else:
-            emb = embed_matrix(clf.backbone, X, np.arange(data.n_obs), clf.pooling, dev, max_cells=256, max_tokens=budget)
+            emb_rows = np.arange(data.n_obs) if frozen else np.sort(np.concatenate([split["train"], split["validation"]]))
+            emb = embed_matrix(clf.backbone, X, emb_rows, clf.pooling, dev, max_cells=256, max_tokens=budget)
+        position = np.full(data.n_obs, -1, dtype=np.int64)
+        position[emb_rows] = np.arange(len(emb_rows))
         emb_t = torch.from_numpy(emb).to(dev)
-        clf.set_standardization(emb[split["train"]])
+        clf.set_standardization(emb[position[split["train"]]])
+        head_opt = torch.optim.AdamW(clf.head.parameters(), lr=head_lr, weight_decay=0.01)
+        n_train = len(split["train"])
+        best = _run_epochs(
+            clf, head_opt, loss_fn, y_idx,
+            batches=lambda: [split["train"][np.sort(b)] for b in np.array_split(rng.permutation(n_train), max(1, -(-n_train // batch_size)))],
+            logits=lambda rows: clf.classify(emb_t[position[rows]]),
+            val_f1=lambda: probe_f1(emb_t[position[split["validation"]]]),
+            epochs=epochs if frozen else WARM_START_EPOCHS, patience=patience if frozen else WARM_START_PATIENCE,
+            stage="probe" if frozen else "warm start", history=history, progress=progress)
+        clf.load_state_dict(best[2])
     else:  # standardize with the starting backbone's embeddings of (up to 512) training cells
         sample = np.sort(rng.permutation(split["train"])[:512])
         clf.set_standardization(embed_matrix(clf.backbone, X, sample, clf.pooling, dev, max_cells=64, max_tokens=budget))
+        best = (-1.0, 0, _copy.deepcopy(clf.state_dict()))
 
-    def val_f1() -> float:
-        rows = split["validation"]
-        if not len(rows):
-            return float("nan")
-        if frozen:
-            with torch.no_grad():
-                proba = torch.softmax(clf.classify(emb_t[rows]), -1).cpu().numpy()
-        else:
-            proba = _predict_proba(clf, X, rows, dev, batch_size * 4, budget)
-        return _scores(np.asarray(classes)[y_idx[rows]], proba, classes)["macro_f1"]
-
-    best = (-1.0, 0, _copy.deepcopy(clf.state_dict()))
-    train_lengths = np.diff(X.indptr)[split["train"]]
-    history = []
-    bar = tqdm(range(epochs), desc="annotate", unit="epoch", disable=not progress)
-    for epoch in bar:
-        clf.train()
-        losses = []
-        # the encoder wants cells of similar length together; the probe needs no such grouping,
-        # and length-sorted batches (length tracks cell type) bias its updates
-        order = (np.array_split(rng.permutation(len(train_lengths)), max(1, -(-len(train_lengths) // batch_size)))
-                 if frozen else sortish_batches(train_lengths, batch_size, rng, drop_last=False))
-        for b in order:
-            rows = split["train"][np.sort(b)]
-            target = torch.from_numpy(y_idx[rows]).to(dev)
-            if frozen:
-                logits = clf.classify(emb_t[rows])
-            else:
-                batch = csr_row_batch(X, rows).to(dev)
-                with autocast(dev):
-                    logits = clf(batch)
-            loss = loss_fn(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-        f1 = val_f1()
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": f1})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{f1:.3f}")
-        if f1 > best[0]:
-            best = (f1, epoch + 1, _copy.deepcopy(clf.state_dict()))
-        elif epoch + 1 - best[1] >= patience:
-            break
-    bar.close()
-    clf.load_state_dict(best[2])
+    if not frozen:
+        groups = [{"params": list(clf.head.parameters()), "lr": head_lr}]
+        enc = [p for p in clf.backbone.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": lr})
+        train_lengths = np.diff(X.indptr)[split["train"]]
+        best = _run_epochs(
+            clf, torch.optim.AdamW(groups, weight_decay=0.01), loss_fn, y_idx,
+            # the encoder wants cells of similar length together (length-bucketed batches)
+            batches=lambda: [split["train"][np.sort(b)] for b in sortish_batches(train_lengths, batch_size, rng, drop_last=False)],
+            logits=lambda rows: clf(csr_row_batch(X, rows).to(dev)),
+            val_f1=lambda: _val_macro_f1(_predict_proba(clf, X, split["validation"], dev, batch_size * 4, budget),
+                                         y_names[y_idx[split["validation"]]], classes),
+            epochs=epochs, patience=patience, stage="fine-tune", history=history, progress=progress,
+            best=(best[0], 0, best[2]), autocast_device=dev)
+        clf.load_state_dict(best[2])
     clf.eval()
 
     if frozen:
@@ -431,11 +482,14 @@ def annotate(
         "classes": classes,
         "mode": "train",
         **{f"test_{k}": v for k, v in _scores(y_test, proba[test], classes).items()},
-        "per_class_f1": {c: float(f) for c, f in zip(classes, metrics.f1_score(y_test, pred_test, labels=classes, average=None, zero_division=0))},
-        "confusion_matrix": metrics.confusion_matrix(y_test, pred_test, labels=classes).tolist(),
+        "per_class_f1": ({c: float(f) for c, f in zip(classes, metrics.f1_score(y_test, pred_test, labels=classes, average=None, zero_division=0))}
+                         if len(test) else {}),
+        "confusion_matrix": (metrics.confusion_matrix(y_test, pred_test, labels=classes) if len(test)
+                             else np.zeros((len(classes), len(classes)), dtype=np.int64)).tolist(),
         "split_sizes": {k: int(len(v)) for k, v in split.items()},
         "small_classes": [c for c, _ in small],
-        "best_epoch": int(best[1]),
+        "best_epoch": int(best[1]),  # 0: the warm-start probe beat every fine-tuned epoch
+        "warm_start": bool(warm_start and not frozen),
         "val_macro_f1": float(best[0]),
         "history": history,
         "freeze": str(freeze),
