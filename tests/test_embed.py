@@ -123,6 +123,24 @@ def test_backed_h5ad(small, model, tmp_path):
     backed.file.close()
 
 
+def test_backed_dense_h5ad_streams_in_byte_bounded_blocks(small, model, tmp_path):
+    """A dense on-disk matrix is read in blocks of at most 256 MB, never 10,000 wide rows at once."""
+    from scxtrimo.data._prepare import DENSE_BLOCK_BYTES, prepare_input
+
+    dense = small.copy()
+    dense.X = dense.X.toarray()
+    path = tmp_path / "dense.h5ad"
+    dense.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    block = prepare_input(backed).block_cells()
+    assert block == DENSE_BLOCK_BYTES // (4 * small.n_vars) and block * small.n_vars * 4 <= DENSE_BLOCK_BYTES
+    assert prepare_input(small).block_cells() == 10_000  # sparse rows are cheap
+    scxtrimo.tl.embed(backed, model=model, progress=False)
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    np.testing.assert_array_equal(backed.obsm["X_xtrimo"], small.obsm["X_xtrimo"])
+    backed.file.close()
+
+
 def test_cellbench_deep_cells(cellbench, model):
     """The long-sequence case: CEL-seq2 cells with thousands of expressed genes."""
     deep = cellbench[cellbench.obs["batch"] == "sc_celseq2"][:40].copy()

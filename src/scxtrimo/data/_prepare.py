@@ -21,6 +21,7 @@ from ..pp._align import GeneMapping, align_matrix, gene_mapping
 from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
 
 BLOCK_CELLS = 10_000
+DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, float32) stays under this
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class PreparedInput:
 
     def matrix(self):
         return self.adata.X if self.source == "X" else self.adata.layers["counts"]
+
+    def block_cells(self) -> int:
+        """Cells per streamed block: 10,000 for sparse input; fewer for a dense matrix, so that
+        one block of it (``cells x n_vars`` float32) stays under 256 MB (at least 256 cells)."""
+        M = self.matrix()
+        if sp.issparse(M) or hasattr(M, "format"):  # in memory, or anndata's backed CSR/CSC dataset
+            return BLOCK_CELLS
+        return int(min(BLOCK_CELLS, max(256, DENSE_BLOCK_BYTES // (4 * max(1, self.adata.n_vars)))))
 
 
 def _is_aligned(adata: ad.AnnData) -> bool:
@@ -66,7 +75,7 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
         mapping = gene_mapping(names, reference_genes(), var=adata.var)
         n_matched = mapping.n_matched
     prep = PreparedInput(adata, source, mapping, "counts", n_matched)
-    first = prep.matrix()[: min(BLOCK_CELLS, adata.n_obs)]
+    first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]
     what = "adata.X" if source == "X" else "adata.layers['counts']"
     _, kind = to_counts(first, uns=adata.uns, what=what)
     return PreparedInput(adata, source, mapping, kind, n_matched)
@@ -105,8 +114,12 @@ def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
     return log1p_normalize(counts)
 
 
-def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int = BLOCK_CELLS) -> Iterator[tuple[int, int, sp.csr_matrix]]:
-    """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes."""
+def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int | None = None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes.
+
+    ``block_cells`` defaults to :meth:`PreparedInput.block_cells` (bounded bytes per block).
+    """
+    block_cells = block_cells or prep.block_cells()
     for start in range(0, prep.adata.n_obs, block_cells):
         stop = min(start + block_cells, prep.adata.n_obs)
         yield start, stop, log1p_rows(prep, start, stop)

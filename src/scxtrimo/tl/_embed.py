@@ -178,6 +178,7 @@ def embed(
                           for r in range(ctx.world_size)]
                 _gather_rows(out, start, shards, ctx, dev)
                 bar.update(sum(len(s) for r, s in enumerate(shards) if r != ctx.rank))
+            del X, batches  # free this block before the next one is read: one block in memory, not two
         bar.close()
     finally:
         ctx.shutdown()
