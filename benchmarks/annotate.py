@@ -1,7 +1,9 @@
 """Cell-type annotation benchmark (issue: tl.annotate), run by hand.
 
 Side by side on identical stratified 8:1:1 splits, for several seeds:
-  * scxtrimo fine-tuned (``tl.annotate``, whole encoder),
+  * scxtrimo fine-tuned (``tl.annotate``; its default warm start: the head is first trained as
+    a linear probe, then encoder and head are fine-tuned), and optionally "scxtrimo fine-tuned
+    (cold head)" (``warm_start=False``, a random head),
   * scxtrimo linear probe (``tl.annotate(freeze="all")``),
   * logistic regression on PCA of log-normalized HVGs (fit on the training cells),
   * CellTypist trained on the same training cells (its default logistic regression, and its
@@ -112,7 +114,8 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
     y_test = test.obs[labels_key].astype(str).to_numpy()
     rows = []
     for method in methods:
-        if method == "scxtrimo fine-tuned" and name not in args.finetune_tasks:
+        extra = {}
+        if method.startswith("scxtrimo fine-tuned") and name not in args.finetune_tasks:
             continue
         t = time.perf_counter()
         if method.startswith("scxtrimo"):
@@ -123,19 +126,21 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
                                            random_state=seed, epochs=40, patience=6, progress=False)
             else:
                 clf = scxtrimo.tl.annotate(pool, labels_key=labels_key, freeze=args.finetune_freeze, random_state=seed,
-                                           epochs=args.epochs, patience=2, progress=False)
+                                           epochs=args.epochs, patience=2, warm_start=not method.endswith("(cold head)"),
+                                           progress=False)
             if test_pool is None:
                 assert pool.uns["xtrimo"]["annotate"]["split_sizes"]["test"] == len(split["test"])
                 pred = pool.obs["xtrimo_label"].astype(str).to_numpy()[split["test"]]
             else:
                 scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, progress=False)
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
+            extra = {"best_epoch": pool.uns["xtrimo"]["annotate"]["best_epoch"]}
         elif method == "PCA + logistic regression":
             pred = pca_logreg(fit_only, test, labels_key, seed)
         elif method in ("CellTypist", "CellTypist (SGD)"):
             pred = celltypist_pred(fit_only, test, labels_key, seed, sgd=method == "CellTypist (SGD)")
         rows.append({"task": name, "method": method, "seed": seed, **scores(y_test, pred),
-                     "n_train": len(split["train"]), "n_test": len(y_test), "seconds": time.perf_counter() - t})
+                     "n_train": len(split["train"]), "n_test": len(y_test), "seconds": time.perf_counter() - t, **extra})
         print(rows[-1], flush=True)
     return rows
 

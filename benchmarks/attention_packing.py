@@ -14,9 +14,12 @@ The same encoder weights (xtrimo-10m shape, 4 layers, width 256) run over the sa
   (document) mask, ``torch.nn.attention.flex_attention`` under ``torch.compile``.
 
 Each way is checked against the per-cell outputs (max |difference| of the max-pooled
-embeddings), timed (best of ``--repeats``), and its padding share reported.
+embeddings), timed (best of ``--repeats``), and its padding share reported. ``--device cuda``
+runs the same paths on a GPU under bf16 autocast (``tl.embed``'s CUDA setting), where the
+nested-jagged path can use the fused varlen (flash) kernel.
 
     python benchmarks/attention_packing.py --cells 128
+    python benchmarks/attention_packing.py --device cuda --cells 2638
 """
 
 from __future__ import annotations
@@ -29,32 +32,41 @@ import torch
 import torch.nn.functional as F
 
 import scxtrimo
+from scxtrimo._device import autocast
 from scxtrimo.data._batching import csr_row_batch, length_batches, padding_fraction
 from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 
 
-def timed(fn, repeats: int):
+def timed(fn, repeats: int, device: torch.device):
     out, best = None, float("inf")
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return out, best
 
 
-def bucketed(model, X, budget):
+def per_cell(model, X, device):
+    return torch.cat([model.embed_cells(csr_row_batch(X, np.array([i])).to(device)).float() for i in range(X.shape[0])])
+
+
+def bucketed(model, X, budget, device):
     batches = length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget)
-    out = torch.empty(X.shape[0], model.embedding_dim)
+    out = torch.empty(X.shape[0], model.embedding_dim, device=device)
     for rows in batches:
-        out[torch.from_numpy(rows)] = model.embed_cells(csr_row_batch(X, rows))
+        out[torch.from_numpy(rows).to(device)] = model.embed_cells(csr_row_batch(X, rows).to(device)).float()
     return out, padding_fraction(np.diff(X.indptr), batches)
 
 
-def embed_tokens(model, X):
+def embed_tokens(model, X, device):
     """Per-cell token embeddings (list of (L_i, d)) as the encoder's first layer sees them."""
     out = []
     for i in range(X.shape[0]):
-        b = csr_row_batch(X, np.array([i]))
+        b = csr_row_batch(X, np.array([i])).to(device)
         out.append((model.value_embedding(b.values) + model.gene_embedding(b.genes))[0])
     return out
 
@@ -77,7 +89,7 @@ def nested(model, tokens):
         x = x + block.out(a)
         x = x + block.ff(block.norm2(x))
     x = model.encoder.norm(x)
-    return torch.stack([t.amax(0) for t in x.unbind()])
+    return torch.stack([t.amax(0) for t in x.unbind()]).float()
 
 
 def flex_packed(model, tokens, compiled, pack: int):
@@ -93,22 +105,24 @@ def flex_packed(model, tokens, compiled, pack: int):
         cur.append(i)
         used += len(t)
     packs.append(cur)
-    out = torch.empty(len(tokens), model.embedding_dim)
+    device = tokens[0].device
+    out = torch.empty(len(tokens), model.embedding_dim, device=device)
     for members in packs:
         lengths = torch.tensor([len(tokens[i]) for i in members])
         doc = torch.full((pack,), -1, dtype=torch.long)
         doc[: int(lengths.sum())] = torch.repeat_interleave(torch.arange(len(members)), lengths)
+        doc = doc.to(device)
 
         def same_cell(b, h, q_idx, kv_idx):
             return doc[q_idx] == doc[kv_idx]
 
-        mask = create_block_mask(same_cell, None, None, pack, pack, device="cpu")
-        x = torch.zeros(1, pack, model.embedding_dim)
+        mask = create_block_mask(same_cell, None, None, pack, pack, device=device)
+        x = torch.zeros(1, pack, model.embedding_dim, device=device, dtype=tokens[0].dtype)
         x[0, : int(lengths.sum())] = torch.cat([tokens[i] for i in members])
         for block in model.encoder.blocks:
             x = block_forward(block, x, lambda q, k, v: compiled(q, k, v, block_mask=mask))
         x = model.encoder.norm(x)[0, : int(lengths.sum())]
-        out[torch.tensor(members)] = torch.stack([t.amax(0) for t in x.split(lengths.tolist())])
+        out[torch.tensor(members, device=device)] = torch.stack([t.amax(0) for t in x.split(lengths.tolist())]).float()
     return out
 
 
@@ -118,28 +132,29 @@ def main():
     ap.add_argument("--cells", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--pack", type=int, default=8_192, help="tokens per FlexAttention pack")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast as in tl.embed)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = scxtrimo.models.XTrimoGene(args.model).eval()
+    dev = torch.device(args.device)
+    model = scxtrimo.models.XTrimoGene(args.model).eval().to(dev)
     adata = scxtrimo.datasets.pbmc3k()[: args.cells].copy()
     X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]
     lengths = np.diff(X.indptr)
     print(f"{X.shape[0]} pbmc3k cells, {lengths.sum():,} tokens (median {int(np.median(lengths))}, "
-          f"max {lengths.max()}), {args.model}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+          f"max {lengths.max()}), {args.model}, {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     rows = []
-    with torch.inference_mode():
-        ref, t_ref = timed(lambda: torch.cat([model.embed_cells(csr_row_batch(X, np.array([i])))
-                                              for i in range(X.shape[0])]), args.repeats)
+    with torch.inference_mode(), autocast(dev):
+        ref, t_ref = timed(lambda: per_cell(model, X, dev), args.repeats, dev)
         rows.append(("per cell (batch 1)", t_ref, 0.0, 0.0))
         for budget in (4_096, 16_384, 262_144):
-            (out, pad), t = timed(lambda: bucketed(model, X, budget), args.repeats)
+            (out, pad), t = timed(lambda: bucketed(model, X, budget, dev), args.repeats, dev)
             rows.append((f"bucketed, {budget:,} tokens/batch", t, pad, float((out - ref).abs().max())))
-        (out, pad), t = timed(lambda: bucketed(model, X[np.random.default_rng(0).permutation(X.shape[0])], 10**9),
-                              args.repeats)
+        (out, pad), t = timed(lambda: bucketed(model, X[np.random.default_rng(0).permutation(X.shape[0])], 10**9, dev),
+                              args.repeats, dev)
         rows.append(("one padded batch", t, pad, float("nan")))
-        tokens = embed_tokens(model, X)
+        tokens = embed_tokens(model, X, dev)
         try:
-            out, t = timed(lambda: nested(model, tokens), args.repeats)
+            out, t = timed(lambda: nested(model, tokens), args.repeats, dev)
             rows.append(("nested jagged SDPA", t, 0.0, float((out - ref).abs().max())))
         except (RuntimeError, NotImplementedError) as e:
             rows.append(("nested jagged SDPA", float("nan"), 0.0, float("nan")))
@@ -147,13 +162,11 @@ def main():
     try:
         encoder = model.encoder
         model.encoder = torch.compile(encoder, dynamic=True)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dev):
             t0 = time.perf_counter()
-            model.embed_cells(csr_row_batch(X, np.array([0])))
-            model.embed_cells(csr_row_batch(X, np.array([1])))
+            per_cell(model, X[:2], dev)
             compile_s = time.perf_counter() - t0
-            out, t = timed(lambda: torch.cat([model.embed_cells(csr_row_batch(X, np.array([i])))
-                                              for i in range(X.shape[0])]), args.repeats)
+            out, t = timed(lambda: per_cell(model, X, dev), args.repeats, dev)
         rows.append((f"per cell, torch.compile (compile {compile_s:.0f} s, not timed)", t, 0.0,
                      float((out - ref).abs().max())))
     except Exception as e:
@@ -165,11 +178,11 @@ def main():
         from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dev):
             t0 = time.perf_counter()
             flex_packed(model, tokens[:2], compiled, args.pack)
             compile_s = time.perf_counter() - t0
-            out, t = timed(lambda: flex_packed(model, tokens, compiled, args.pack), args.repeats)
+            out, t = timed(lambda: flex_packed(model, tokens, compiled, args.pack), args.repeats, dev)
         n_packs = -(-int(lengths.sum()) // args.pack)
         rows.append((f"FlexAttention, packs of {args.pack:,} tokens (compile {compile_s:.0f} s, not timed)", t,
                      max(0.0, 1 - lengths.sum() / (n_packs * args.pack)), float((out - ref).abs().max())))
