@@ -134,7 +134,13 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             else:
                 scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, progress=False)
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
-            extra = {"best_epoch": pool.uns["xtrimo"]["annotate"]["best_epoch"]}
+            report = pool.uns["xtrimo"]["annotate"]
+            extra = {"best_epoch": report["best_epoch"]}
+            if not probe:  # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
+                hist = report["history"]
+                warm = [h["val_macro_f1"] for h in hist if h["stage"] == "warm start"]
+                extra["val_f1_warm_start"] = max(warm) if warm else float("nan")
+                extra["val_f1_fine_tune"] = " ".join(f"{h['val_macro_f1']:.3f}" for h in hist if h["stage"] == "fine-tune")
         elif method == "PCA + logistic regression":
             pred = pca_logreg(fit_only, test, labels_key, seed)
         elif method in ("CellTypist", "CellTypist (SGD)"):
