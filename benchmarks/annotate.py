@@ -137,10 +137,10 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             report = pool.uns["xtrimo"]["annotate"]
             extra = {"best_epoch": report["best_epoch"]}
             if not probe:  # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
-                hist = report["history"]
-                warm = [h["val_macro_f1"] for h in hist if h["stage"] == "warm start"]
-                extra["val_f1_warm_start"] = max(warm) if warm else float("nan")
-                extra["val_f1_fine_tune"] = " ".join(f"{h['val_macro_f1']:.3f}" for h in hist if h["stage"] == "fine-tune")
+                hist = pd.DataFrame(report["history"])
+                warm = hist.loc[hist["stage"] == "warm start", "val_macro_f1"]
+                extra["val_f1_warm_start"] = warm.max() if len(warm) else float("nan")
+                extra["val_f1_fine_tune"] = " ".join(f"{v:.3f}" for v in hist.loc[hist["stage"] == "fine-tune", "val_macro_f1"])
         elif method == "PCA + logistic regression":
             pred = pca_logreg(fit_only, test, labels_key, seed)
         elif method in ("CellTypist", "CellTypist (SGD)"):
@@ -167,6 +167,7 @@ def main():
     pbmc, cb = None, None
     embed = scxtrimo.tl.embed if "scxtrimo linear probe" in args.methods else (lambda adata: None)
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         if task == "pbmc3k" and pbmc is None:
             pbmc = scxtrimo.datasets.pbmc3k()
@@ -185,9 +186,8 @@ def main():
                 dst = cb[cb.obs["batch"] != args.transfer_train].copy()
                 dst = dst[dst.obs["cell_type"].isin(set(src.obs["cell_type"]))].copy()
                 rows += run_task(task, src, dst, "cell_type", seed, args.methods, args)
-    df = pd.DataFrame(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, index=False)
+            df = pd.DataFrame(rows)  # written after every task and seed, so a long run keeps what it finished
+            df.to_csv(args.out, index=False)
     summary = df.groupby(["task", "method"])[["macro_f1", "macro_precision", "accuracy", "seconds"]].agg(["mean", "std"])
     print(summary.round(4).to_string())
 

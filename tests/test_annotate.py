@@ -111,6 +111,38 @@ def test_fine_tuning_starts_from_a_warm_probe_and_never_ends_below_it(pbmc3k, ti
     assert torch.all(clf.feature_scale > 0) and not torch.allclose(clf.feature_mean, torch.zeros_like(clf.feature_mean))
 
 
+def test_fine_tuning_within_a_token_budget_takes_the_same_steps(pbmc3k, tiny_config, monkeypatch):
+    """max_tokens bounds the encoder's input per call (gradient accumulation), not the result."""
+    torch.manual_seed(0)
+    base = XTrimoGene(tiny_config)
+    small = pbmc3k[:120].copy()
+    widths = {}
+    forward = CellTypeClassifier.forward
+
+    def recording_forward(self, batch):
+        if torch.is_grad_enabled() and self.training:
+            widths.setdefault(budget, []).append(tuple(batch.valid.shape))
+        return forward(self, batch)
+
+    monkeypatch.setattr(CellTypeClassifier, "forward", recording_forward)
+    runs = {}
+    for budget in (10**9, 1):
+        adata = small.copy()
+        with pytest.warns(UserWarning, match="cannot be split"):  # 2 dendritic cells among these 120
+            clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", model=base, freeze="none", epochs=1,
+                                       batch_size=16, warm_start=False, max_tokens=budget, progress=False)
+        runs[budget] = (clf.backbone.state_dict(), adata.obsm["xtrimo_label_probabilities"])
+    n_train = adata.uns["xtrimo"]["annotate"]["split_sizes"]["train"]  # same split for both budgets
+    assert max(b for b, _ in widths[10**9]) == 16 and len(widths[1]) == n_train  # whole steps vs one cell per call
+    assert all(b == 1 for b, _ in widths[1])
+    start = base.state_dict()
+    whole, parts = (torch.cat([(runs[b][0][k].float() - start[k].float()).flatten() for k in start]) for b in (10**9, 1))
+    assert whole.abs().max() > 1e-4  # the step did move the encoder
+    assert torch.nn.functional.cosine_similarity(whole, parts, dim=0) > 0.9999
+    assert (whole - parts).abs().max() < 0.1 * whole.abs().max()
+    np.testing.assert_allclose(runs[1][1], runs[10**9][1], atol=1e-4)
+
+
 def test_without_validation_cells_the_trained_weights_are_kept(pbmc3k, tiny_config):
     torch.manual_seed(0)
     base = XTrimoGene(tiny_config)

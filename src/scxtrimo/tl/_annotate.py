@@ -10,6 +10,7 @@ import copy as _copy
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -208,34 +209,41 @@ def _val_macro_f1(proba: np.ndarray, y_true: np.ndarray, classes: list[str]) -> 
     return _scores(y_true, proba, classes)["macro_f1"]
 
 
-def _run_epochs(clf: CellTypeClassifier, opt: torch.optim.Optimizer, loss_fn: nn.Module, y_idx: np.ndarray, *,
+def _run_epochs(clf: CellTypeClassifier, opt: torch.optim.Optimizer, class_weight: torch.Tensor | None, y_idx: np.ndarray, *,
                 batches, logits, val_f1, epochs: int, patience: int, stage: str, history: list, progress: bool,
-                best: tuple | None = None, autocast_device: torch.device | None = None) -> tuple:
+                best: tuple | None = None, autocast_device: torch.device | None = None, micro_batches=None) -> tuple:
     """Train with early stopping on validation macro-F1; return ``(f1, epoch, state_dict)`` of the best.
 
-    ``batches()`` gives one epoch's row-index batches, ``logits(rows)`` the class logits of those
-    cells, ``val_f1()`` the validation macro-F1 (NaN without validation cells: then the latest
-    epoch counts as best). ``best`` is the state to beat (epoch 0), e.g. a warm-start probe.
+    ``batches()`` gives one epoch's row-index batches (one optimizer step each), ``logits(rows)``
+    the class logits of those cells, ``val_f1()`` the validation macro-F1 (NaN without validation
+    cells: then the latest epoch counts as best). ``best`` is the state to beat (epoch 0), e.g. a
+    warm-start probe. ``micro_batches(rows)``, if given, splits a batch into parts that go through
+    the model one at a time (gradient accumulation, to bound activation memory); the loss is the
+    batch's class-weighted mean cross-entropy whatever the split, so the step is the same.
     """
     best = best if best is not None else (-1.0, 0, _copy.deepcopy(clf.state_dict()))
     params = [p for g in opt.param_groups for p in g["params"]]
+    device = params[0].device
+    weight = class_weight.to(device) if class_weight is not None else None
     bar = tqdm(range(epochs), desc=f"annotate ({stage})", unit="epoch", disable=not progress)
     for epoch in range(1, epochs + 1):
         clf.train()
         losses = []
         for rows in batches():
-            target = torch.from_numpy(y_idx[rows]).to(params[0].device)
-            if autocast_device is not None:
-                with autocast(autocast_device):
-                    out = logits(rows)
-            else:
-                out = logits(rows)
-            loss = loss_fn(out.float(), target)
+            target = torch.from_numpy(y_idx[rows]).to(device)
+            total = weight[target].sum() if weight is not None else torch.tensor(float(len(rows)), device=device)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = 0.0
+            for part in micro_batches(rows) if micro_batches is not None else [rows]:
+                with autocast(autocast_device) if autocast_device is not None else nullcontext():
+                    out = logits(part)
+                part_target = torch.from_numpy(y_idx[part]).to(device)
+                loss = nn.functional.cross_entropy(out.float(), part_target, weight=weight, reduction="sum") / total
+                loss.backward()
+                loss_sum += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss_sum)
         f1 = val_f1()
         history.append({"stage": stage, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_macro_f1": f1})
         bar.update(1)
@@ -298,8 +306,9 @@ def annotate(
         ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
         an int ``k``: train only the last ``k`` encoder layers (and the head).
     epochs, batch_size, lr, head_lr, patience
-        Training schedule: at most ``epochs`` passes, encoder learning rate ``lr``, head learning
-        rate ``head_lr``, stop after ``patience`` epochs without a better validation macro-F1.
+        Training schedule: at most ``epochs`` passes, ``batch_size`` cells per optimizer step,
+        encoder learning rate ``lr``, head learning rate ``head_lr``, stop after ``patience``
+        epochs without a better validation macro-F1.
     warm_start
         Fine-tuning only (``freeze`` not ``"all"``): before fine-tuning, train the head alone on
         the starting encoder's embeddings of the training cells (up to 40 epochs, patience 6;
@@ -316,7 +325,10 @@ def annotate(
     gene_symbols
         ``var`` column with gene symbols if ``var_names`` are not symbols.
     max_tokens
-        Encoder token budget per batch (see :func:`scxtrimo.tl.embed`).
+        Encoder token budget per batch (cells x longest cell; see :func:`scxtrimo.tl.embed`).
+        When fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
+        this budget and their gradients are summed (gradient accumulation: the same step, with
+        activation memory bounded by the budget instead of by ``batch_size`` x the deepest cell).
     use_rep
         Linear probe only (training with ``freeze="all"``, or applying a classifier trained so):
         an ``obsm`` key holding this checkpoint's embeddings from :func:`scxtrimo.tl.embed`
@@ -414,7 +426,6 @@ def annotate(
     if class_weight:
         w = np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0)
         weight = torch.tensor(w, dtype=torch.float32, device=dev)
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
     rng = np.random.default_rng(random_state)
     history: list[dict] = []
     frozen = freeze == "all"
@@ -440,7 +451,7 @@ def annotate(
         head_opt = torch.optim.AdamW(clf.head.parameters(), lr=head_lr, weight_decay=0.01)
         n_train = len(split["train"])
         best = _run_epochs(
-            clf, head_opt, loss_fn, y_idx,
+            clf, head_opt, weight, y_idx,
             batches=lambda: [split["train"][np.sort(b)] for b in np.array_split(rng.permutation(n_train), max(1, -(-n_train // batch_size)))],
             logits=lambda rows: clf.classify(emb_t[position[rows]]),
             val_f1=lambda: probe_f1(emb_t[position[split["validation"]]]),
@@ -457,16 +468,19 @@ def annotate(
         enc = [p for p in clf.backbone.parameters() if p.requires_grad]
         if enc:
             groups.append({"params": enc, "lr": lr})
-        train_lengths = np.diff(X.indptr)[split["train"]]
+        lengths = np.diff(X.indptr)
+        train_lengths = lengths[split["train"]]
         best = _run_epochs(
-            clf, torch.optim.AdamW(groups, weight_decay=0.01), loss_fn, y_idx,
+            clf, torch.optim.AdamW(groups, weight_decay=0.01), weight, y_idx,
             # the encoder wants cells of similar length together (length-bucketed batches)
             batches=lambda: [split["train"][np.sort(b)] for b in sortish_batches(train_lengths, batch_size, rng, drop_last=False)],
             logits=lambda rows: clf(csr_row_batch(X, rows).to(dev)),
             val_f1=lambda: _val_macro_f1(_predict_proba(clf, X, split["validation"], dev, batch_size * 4, budget),
                                          y_names[y_idx[split["validation"]]], classes),
             epochs=epochs, patience=patience, stage="fine-tune", history=history, progress=progress,
-            best=(best[0], 0, best[2]), autocast_device=dev)
+            best=(best[0], 0, best[2]), autocast_device=dev,
+            # each step's cells go through the encoder in parts within the token budget
+            micro_batches=lambda rows: [rows[np.sort(b)] for b in length_batches(lengths[rows], max_cells=len(rows), max_tokens=budget)])
         clf.load_state_dict(best[2])
     clf.eval()
 
