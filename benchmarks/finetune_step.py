@@ -89,7 +89,7 @@ def main():
     summary = df.groupby(["cells", "split"], sort=False).agg(calls=("calls", "first"), seconds=("seconds", "median"),
                                                           grad_max_rel_diff=("grad_max_rel_diff", "max"))
     summary["vs padded"] = summary.groupby(level=0)["seconds"].transform("first") / summary["seconds"]
-    print(summary.round(3).to_string())
+    print(summary.to_string(float_format=lambda v: f"{v:.3g}"))
 
 
 if __name__ == "__main__":
