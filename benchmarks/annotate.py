@@ -127,7 +127,7 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             else:
                 clf = scxtrimo.tl.annotate(pool, labels_key=labels_key, freeze=args.finetune_freeze, random_state=seed,
                                            epochs=args.epochs, patience=2, warm_start=not method.endswith("(cold head)"),
-                                           progress=False)
+                                           lr=args.finetune_lr, head_lr=args.finetune_head_lr, progress=False)
             if test_pool is None:
                 assert pool.uns["xtrimo"]["annotate"]["split_sizes"]["test"] == len(split["test"])
                 pred = pool.obs["xtrimo_label"].astype(str).to_numpy()[split["test"]]
@@ -136,7 +136,8 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
             report = pool.uns["xtrimo"]["annotate"]
             extra = {"best_epoch": report["best_epoch"]}
-            if not probe:  # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
+            if not probe:
+                extra.update(lr=args.finetune_lr, head_lr=args.finetune_head_lr)  # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
                 hist = pd.DataFrame(report["history"])
                 warm = hist.loc[hist["stage"] == "warm start", "val_macro_f1"]
                 extra["val_f1_warm_start"] = warm.max() if len(warm) else float("nan")
@@ -157,6 +158,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (early stopping, patience 2)")
     ap.add_argument("--finetune-freeze", default="2", help="'none' (whole encoder) or k: train the last k layers")
     ap.add_argument("--finetune-tasks", nargs="*", default=["pbmc3k"])
+    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="encoder learning rate when fine-tuning")
+    ap.add_argument("--finetune-head-lr", type=float, default=1e-3, help="head learning rate when fine-tuning (also the warm-start probe's)")
     ap.add_argument("--methods", nargs="+", default=["scxtrimo fine-tuned", "scxtrimo linear probe", "PCA + logistic regression", "CellTypist", "CellTypist (SGD)"])
     ap.add_argument("--tasks", nargs="+", default=["pbmc3k", "cellbench", "cellbench transfer"])
     ap.add_argument("--transfer-train", default="sc_dropseq", help="batch to train on (predicted on all other batches)")
