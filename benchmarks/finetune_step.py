@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 import scxtrimo
-from scxtrimo.data._batching import csr_row_batch, length_batches
+from scxtrimo.data._batching import csr_row_batch, token_budget_parts
 from scxtrimo.tl._annotate import CellTypeClassifier, _collect, _set_trainable
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -71,7 +71,7 @@ def main():
         rows = np.argsort(lengths, kind="stable")
         splits = {"one padded batch": [rows]}
         for budget in args.budgets:
-            splits[f"parts <= {budget:,} tokens"] = [rows[b] for b in length_batches(lengths[rows], max_cells=n, max_tokens=budget)]
+            splits[f"parts <= {budget:,} tokens"] = token_budget_parts(rows, lengths, max_tokens=budget)
         splits["one cell per call"] = [rows[i : i + 1] for i in range(n)]
         reference = step(clf, X, splits["one padded batch"])
         for repeat in range(args.repeats):

@@ -46,3 +46,18 @@ def test_select_tokens_round_trip(pbmc3k_prepared):
     back = torch.zeros_like(values)
     back[rows, cols] = batch.values[rows, pos]
     torch.testing.assert_close(back, values * sel)
+
+
+def test_token_budget_parts_split_a_step_within_the_budget(pbmc3k_prepared):
+    from scxtrimo.data._batching import token_budget_parts
+
+    lengths = np.diff(pbmc3k_prepared.X.indptr)
+    rows = np.random.default_rng(0).choice(pbmc3k_prepared.n_obs, 32, replace=False)
+    parts = token_budget_parts(rows, lengths, max_tokens=4096)
+    assert 1 < len(parts) < 32  # real pbmc3k cells (~800 genes): several cells per part
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.sort(rows))  # every cell once
+    position = {r: i for i, r in enumerate(rows)}
+    for part in parts:
+        assert np.all(np.diff([position[r] for r in part]) > 0)  # in the step's order
+        assert len(part) == 1 or len(part) * lengths[part].max() <= 4096
+    assert [len(p) for p in token_budget_parts(rows, lengths, max_tokens=1)] == [1] * 32

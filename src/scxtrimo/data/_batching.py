@@ -94,6 +94,16 @@ def length_batches(lengths: np.ndarray, *, max_cells: int, max_tokens: int) -> l
     return batches
 
 
+def token_budget_parts(rows: np.ndarray, lengths: np.ndarray, *, max_tokens: int) -> list[np.ndarray]:
+    """Split one training step's ``rows`` into parts of at most ``max_tokens`` tokens.
+
+    ``lengths`` holds every row's number of expressed genes (indexed by row). Parts are
+    :func:`length_batches` of the step's cells (no cap on cells), each keeping the order the
+    cells have in ``rows``; a cell longer than the budget is a part of its own.
+    """
+    return [rows[np.sort(b)] for b in length_batches(lengths[rows], max_cells=len(rows), max_tokens=max_tokens)]
+
+
 def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     """Share of encoder tokens that are [PAD] under a given batching."""
     real = sum(int(lengths[b].sum()) for b in batches)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
-from ..data._batching import csr_row_batch, length_batches, sortish_batches
+from ..data._batching import csr_row_batch, length_batches, sortish_batches, token_budget_parts
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
@@ -230,8 +230,8 @@ def _run_epochs(clf: CellTypeClassifier, opt: torch.optim.Optimizer, class_weigh
         clf.train()
         losses = []
         for rows in batches():
-            target = torch.from_numpy(y_idx[rows]).to(device)
-            total = weight[target].sum() if weight is not None else torch.tensor(float(len(rows)), device=device)
+            # the batch's class-weighted mean: every part's summed loss is divided by the whole batch's weight
+            total = weight[torch.from_numpy(y_idx[rows]).to(device)].sum() if weight is not None else float(len(rows))
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for part in micro_batches(rows) if micro_batches is not None else [rows]:
@@ -480,7 +480,7 @@ def annotate(
             epochs=epochs, patience=patience, stage="fine-tune", history=history, progress=progress,
             best=(best[0], 0, best[2]), autocast_device=dev,
             # each step's cells go through the encoder in parts within the token budget
-            micro_batches=lambda rows: [rows[np.sort(b)] for b in length_batches(lengths[rows], max_cells=len(rows), max_tokens=budget)])
+            micro_batches=lambda rows: token_budget_parts(rows, lengths, max_tokens=budget))
         clf.load_state_dict(best[2])
     clf.eval()
 
