@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,7 +114,8 @@ def test_fine_tuning_starts_from_a_warm_probe_and_never_ends_below_it(pbmc3k, ti
 
 
 def test_fine_tuning_within_a_token_budget_takes_the_same_steps(pbmc3k, tiny_config, monkeypatch):
-    """max_tokens bounds the encoder's input per call (gradient accumulation), not the result."""
+    """max_tokens bounds the encoder's input per call (gradient accumulation), not the result;
+    a step that runs out of CUDA memory is run again in smaller parts, to the same result."""
     torch.manual_seed(0)
     base = XTrimoGene(tiny_config)
     small = pbmc3k[:120].copy()
@@ -121,26 +124,33 @@ def test_fine_tuning_within_a_token_budget_takes_the_same_steps(pbmc3k, tiny_con
 
     def recording_forward(self, batch):
         if torch.is_grad_enabled() and self.training:
-            widths.setdefault(budget, []).append(tuple(batch.valid.shape))
+            if run == "oom" and batch.valid.shape[0] > 2:  # simulated: a GPU that holds 2 cells at a time
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            widths.setdefault(run, []).append(tuple(batch.valid.shape))
         return forward(self, batch)
 
     monkeypatch.setattr(CellTypeClassifier, "forward", recording_forward)
     runs = {}
-    for budget in (10**9, 1):
+    for run, budget in (("whole", 10**9), ("one cell", 1), ("oom", 10**9)):
         adata = small.copy()
-        with pytest.warns(UserWarning, match="cannot be split"):  # 2 dendritic cells among these 120
+        oom_warning = pytest.warns(RuntimeWarning, match="out of memory") if run == "oom" else nullcontext()
+        with pytest.warns(UserWarning, match="cannot be split"), oom_warning:  # 2 dendritic cells among these 120
             clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", model=base, freeze="none", epochs=1,
                                        batch_size=16, warm_start=False, max_tokens=budget, progress=False)
-        runs[budget] = (clf.backbone.state_dict(), adata.obsm["xtrimo_label_probabilities"])
-    n_train = adata.uns["xtrimo"]["annotate"]["split_sizes"]["train"]  # same split for both budgets
-    assert max(b for b, _ in widths[10**9]) == 16 and len(widths[1]) == n_train  # whole steps vs one cell per call
-    assert all(b == 1 for b, _ in widths[1])
+        runs[run] = (clf.backbone.state_dict(), adata.obsm["xtrimo_label_probabilities"])
+    n_train = adata.uns["xtrimo"]["annotate"]["split_sizes"]["train"]  # same split for every run
+    assert max(b for b, _ in widths["whole"]) == 16 and len(widths["one cell"]) == n_train  # whole steps vs one cell per call
+    assert all(b == 1 for b, _ in widths["one cell"])
+    assert max(b for b, _ in widths["oom"]) == 2 and sum(b for b, _ in widths["oom"]) == n_train  # every cell once
     start = base.state_dict()
-    whole, parts = (torch.cat([(runs[b][0][k].float() - start[k].float()).flatten() for k in start]) for b in (10**9, 1))
+    whole, parts, oom = (torch.cat([(runs[r][0][k].float() - start[k].float()).flatten() for k in start])
+                         for r in ("whole", "one cell", "oom"))
     assert whole.abs().max() > 1e-4  # the step did move the encoder
-    assert torch.nn.functional.cosine_similarity(whole, parts, dim=0) > 0.9999
-    assert (whole - parts).abs().max() < 0.1 * whole.abs().max()
-    np.testing.assert_allclose(runs[1][1], runs[10**9][1], atol=1e-4)
+    for other in (parts, oom):
+        assert torch.nn.functional.cosine_similarity(whole, other, dim=0) > 0.9999
+        assert (whole - other).abs().max() < 0.1 * whole.abs().max()
+    np.testing.assert_allclose(runs["one cell"][1], runs["whole"][1], atol=1e-4)
+    np.testing.assert_allclose(runs["oom"][1], runs["whole"][1], atol=1e-4)
 
 
 def test_without_validation_cells_the_trained_weights_are_kept(pbmc3k, tiny_config):

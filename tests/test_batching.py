@@ -61,3 +61,18 @@ def test_token_budget_parts_split_a_step_within_the_budget(pbmc3k_prepared):
         assert np.all(np.diff([position[r] for r in part]) > 0)  # in the step's order
         assert len(part) == 1 or len(part) * lengths[part].max() <= 4096
     assert [len(p) for p in token_budget_parts(rows, lengths, max_tokens=1)] == [1] * 32
+
+
+def test_a_token_budget_split_shrinks_until_every_part_is_one_cell(pbmc3k_prepared):
+    from scxtrimo.data._batching import TokenBudgetSplit
+
+    lengths = np.diff(pbmc3k_prepared.X.indptr)
+    rows = np.random.default_rng(0).choice(pbmc3k_prepared.n_obs, 32, replace=False)
+    split = TokenBudgetSplit(lengths, max_tokens=262_144)
+    counts = [len(split(rows))]
+    while split.shrink():
+        counts.append(len(split(rows)))
+        np.testing.assert_array_equal(np.sort(np.concatenate(split(rows))), np.sort(rows))
+    assert counts[0] == 1 and counts[-1] == 32  # one part for the whole step ... one cell per part
+    assert counts == sorted(counts)  # a lower budget never makes fewer parts
+    assert split.max_tokens < 2 * lengths.min()

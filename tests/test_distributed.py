@@ -91,6 +91,28 @@ def test_accumulation_and_checkpointing_keep_the_update(pretrain_files, tiny_con
     assert "forward" not in model.encoder.blocks[0].__dict__
 
 
+def test_out_of_memory_steps_are_rerun_in_more_micro_batches(pretrain_files, tiny_config, single, monkeypatch):
+    """A step that runs out of CUDA memory (simulated: 2 cells fit) is run again in twice as
+    many micro-batches until it fits; masks are keyed per cell, so the update is the same."""
+    from scxtrimo.models import XTrimoGene
+
+    forward, widths = XTrimoGene.forward, []
+
+    def small_device(self, inputs, *args, **kwargs):
+        if self.training:  # training steps only (the final test-split evaluation runs in eval mode)
+            if inputs.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            widths.append(inputs.shape[0])
+        return forward(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(XTrimoGene, "forward", small_device)
+    with one_thread(), pytest.warns(RuntimeWarning, match="out of memory"):
+        model, _ = scxtrimo.tl.pretrain([str(p) for p in pretrain_files], config=tiny_config, max_steps=STEPS,
+                                        progress=False, **RUN)
+    assert max(widths) == 2 and sum(widths) == STEPS * RUN["batch_size"]  # 8 cells a step, 2 per call
+    assert max_abs_diff(model, single[0]) < ATOL
+
+
 def test_bad_distributed_arguments_are_refused(pretrain_files, tiny_config):
     files = [str(p) for p in pretrain_files]
     with pytest.raises(ValueError, match="Unknown strategy"):

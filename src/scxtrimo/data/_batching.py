@@ -104,6 +104,29 @@ def token_budget_parts(rows: np.ndarray, lengths: np.ndarray, *, max_tokens: int
     return [rows[np.sort(b)] for b in length_batches(lengths[rows], max_cells=len(rows), max_tokens=max_tokens)]
 
 
+class TokenBudgetSplit:
+    """The parts of training steps under a token budget that can be lowered (CUDA out-of-memory).
+
+    ``split(rows)`` is :func:`token_budget_parts` of ``rows`` at the current ``max_tokens``;
+    ``split.shrink()`` halves the budget for this and every later step and returns False when
+    there is nothing left to split (every part is already one cell).
+    """
+
+    def __init__(self, lengths: np.ndarray, *, max_tokens: int):
+        self.lengths = np.asarray(lengths)
+        self.max_tokens = int(max_tokens)
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        return token_budget_parts(rows, self.lengths, max_tokens=self.max_tokens)
+
+    def shrink(self) -> bool:
+        # two cells cost at least twice the shortest length: below that every part is one cell
+        if self.max_tokens < 2 * max(int(self.lengths.min(initial=1)), 1):
+            return False
+        self.max_tokens //= 2
+        return True
+
+
 def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     """Share of encoder tokens that are [PAD] under a given batching."""
     real = sum(int(lengths[b].sum()) for b in batches)

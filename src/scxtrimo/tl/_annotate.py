@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
-from ..data._batching import csr_row_batch, length_batches, sortish_batches, token_budget_parts
+from .._oom import halve_rows_on_oom, retry_on_oom
+from ..data._batching import TokenBudgetSplit, csr_row_batch, length_batches, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
@@ -183,11 +184,15 @@ def _predict_proba(clf: CellTypeClassifier, X: sp.csr_matrix, rows: np.ndarray, 
     clf.eval()
     out = np.empty((len(rows), len(clf.classes)), dtype=np.float32)
     lengths = np.diff(X.indptr)[rows]
+
+    def run(part: np.ndarray) -> np.ndarray:
+        batch = csr_row_batch(X, part).to(device)
+        with torch.inference_mode(), autocast(device):
+            return torch.softmax(clf(batch).float(), -1).cpu().numpy()
+
     for b in length_batches(lengths, max_cells=batch_size, max_tokens=max_tokens):
         b = np.sort(b)
-        batch = csr_row_batch(X, rows[b]).to(device)
-        with torch.inference_mode(), autocast(device):
-            out[b] = torch.softmax(clf(batch).float(), -1).cpu().numpy()
+        out[b] = halve_rows_on_oom(run, rows[b])  # CUDA out-of-memory: halves, retried
     return out
 
 
@@ -219,28 +224,36 @@ def _run_epochs(clf: CellTypeClassifier, opt: torch.optim.Optimizer, class_weigh
     cells: then the latest epoch counts as best). ``best`` is the state to beat (epoch 0), e.g. a
     warm-start probe. ``micro_batches(rows)``, if given, splits a batch into parts that go through
     the model one at a time (gradient accumulation, to bound activation memory); the loss is the
-    batch's class-weighted mean cross-entropy whatever the split, so the step is the same.
+    batch's class-weighted mean cross-entropy whatever the split, so the step is the same. A step
+    that runs out of CUDA memory is run again after ``micro_batches.shrink()`` (smaller parts).
     """
     best = best if best is not None else (-1.0, 0, _copy.deepcopy(clf.state_dict()))
     params = [p for g in opt.param_groups for p in g["params"]]
     device = params[0].device
     weight = class_weight.to(device) if class_weight is not None else None
+    shrink = micro_batches.shrink if micro_batches is not None else (lambda: False)
+
+    def gradients(rows: np.ndarray) -> float:
+        """Zero the gradients and accumulate the batch's over its parts; return the batch loss."""
+        # the batch's class-weighted mean: every part's summed loss is divided by the whole batch's weight
+        total = weight[torch.from_numpy(y_idx[rows]).to(device)].sum() if weight is not None else float(len(rows))
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for part in micro_batches(rows) if micro_batches is not None else [rows]:
+            with autocast(autocast_device) if autocast_device is not None else nullcontext():
+                out = logits(part)
+            part_target = torch.from_numpy(y_idx[part]).to(device)
+            loss = nn.functional.cross_entropy(out.float(), part_target, weight=weight, reduction="sum") / total
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return loss_sum
+
     bar = tqdm(range(epochs), desc=f"annotate ({stage})", unit="epoch", disable=not progress)
     for epoch in range(1, epochs + 1):
         clf.train()
         losses = []
         for rows in batches():
-            # the batch's class-weighted mean: every part's summed loss is divided by the whole batch's weight
-            total = weight[torch.from_numpy(y_idx[rows]).to(device)].sum() if weight is not None else float(len(rows))
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for part in micro_batches(rows) if micro_batches is not None else [rows]:
-                with autocast(autocast_device) if autocast_device is not None else nullcontext():
-                    out = logits(part)
-                part_target = torch.from_numpy(y_idx[part]).to(device)
-                loss = nn.functional.cross_entropy(out.float(), part_target, weight=weight, reduction="sum") / total
-                loss.backward()
-                loss_sum += float(loss.detach())
+            loss_sum = retry_on_oom(lambda: gradients(rows), shrink, what=f"tl.annotate ({stage})")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss_sum)
@@ -329,6 +342,9 @@ def annotate(
         When fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
         this budget and their gradients are summed (gradient accumulation: the same step, with
         activation memory bounded by the budget instead of by ``batch_size`` x the deepest cell).
+        On CUDA, a step that runs out of memory is run again with half the budget (and the
+        halved budget kept), with a ``RuntimeWarning``; a batch that runs out of memory while
+        predicting is split in halves. Only a single cell that does not fit raises.
     use_rep
         Linear probe only (training with ``freeze="all"``, or applying a classifier trained so):
         an ``obsm`` key holding this checkpoint's embeddings from :func:`scxtrimo.tl.embed`
@@ -480,7 +496,7 @@ def annotate(
             epochs=epochs, patience=patience, stage="fine-tune", history=history, progress=progress,
             best=(best[0], 0, best[2]), autocast_device=dev,
             # each step's cells go through the encoder in parts within the token budget
-            micro_batches=lambda rows: token_budget_parts(rows, lengths, max_tokens=budget))
+            micro_batches=TokenBudgetSplit(lengths, max_tokens=budget))
         clf.load_state_dict(best[2])
     clf.eval()
 

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
+from .._oom import halve_rows_on_oom
 from ..data._batching import csr_row_batch, length_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load
@@ -43,17 +44,13 @@ def resolve_model(model: str | os.PathLike | XTrimoGene, device: torch.device) -
 
 def _embed_rows(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device) -> np.ndarray:
     """Embed ``X[rows]``; on CUDA out-of-memory, halve the batch and retry."""
-    try:
-        batch = csr_row_batch(X, rows).to(device, non_blocking=True)
+
+    def run(part: np.ndarray) -> np.ndarray:
+        batch = csr_row_batch(X, part).to(device, non_blocking=True)
         with torch.inference_mode(), autocast(device):
             return model.embed_cells(batch, pooling).float().cpu().numpy()
-    except torch.cuda.OutOfMemoryError:
-        if len(rows) == 1:
-            raise
-        torch.cuda.empty_cache()
-        half = len(rows) // 2
-        return np.concatenate([_embed_rows(model, X, rows[:half], pooling, device),
-                               _embed_rows(model, X, rows[half:], pooling, device)])
+
+    return halve_rows_on_oom(run, rows)
 
 
 def embed_matrix(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device, *, max_cells: int,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import rna_modality
 from .._device import autocast
+from .._oom import retry_on_oom
 from .._version import __version__
 from ..data._masking import MaskingConfig, cell_keys, keyed_uniform, mask_values, mask_values_keyed
 from ..data._prepare import iter_log1p_blocks, prepare_input
@@ -260,7 +261,10 @@ def pretrain(
         Show a progress bar (rank 0 only).
     grad_accum_steps
         Micro-batches per optimizer step on each rank (same update, less activation memory).
-        Needs ``batch_size >= world size x grad_accum_steps``.
+        Needs ``batch_size >= world size x grad_accum_steps``. In a single process, a step that
+        runs out of CUDA memory is run again in twice as many micro-batches (kept for later
+        steps; masks are keyed per cell, so the update is the same), with a ``RuntimeWarning``.
+        Under torchrun the error is raised: lower ``batch_size`` or raise this.
     strategy
         Data parallelism when more than one process runs: ``"auto"`` / ``"ddp"``
         (DistributedDataParallel) or ``"fsdp"`` (FSDP2 ``fully_shard`` of encoder blocks,
@@ -474,6 +478,8 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             })
             running.clear()
 
+        # a step that runs out of CUDA memory is run again in twice as many micro-batches (one process)
+        micro = _MicroBatches(grad_accum_steps, world_size=ctx.world_size)
         bar = tqdm(total=total, initial=min(step, total), desc="pretrain", unit="step",
                    disable=not (progress and ctx.is_main))
         while step < total:
@@ -484,10 +490,12 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             frac = max((step - warmup) / max(1, total - warmup), now / max_time if max_time else 0.0)
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(step, warmup, frac)
-            loss = _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
-                               random_state=random_state, grad_accum_steps=grad_accum_steps,
-                               strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
-                               decoder_zeros=decoder_zeros)
+            loss = retry_on_oom(
+                lambda: _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
+                                    random_state=random_state, grad_accum_steps=micro.count,
+                                    strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
+                                    decoder_zeros=decoder_zeros),
+                lambda: micro.double(X_batch.shape[0]), what="tl.pretrain")
             step += 1
             running.append(loss)
             bar.update(1)
@@ -517,6 +525,24 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
     hist.attrs["test"] = test
     out.metadata = metadata({"test": test})
     return out.eval(), hist
+
+
+class _MicroBatches:
+    """How many micro-batches a step is cut into; doubled when a step runs out of CUDA memory.
+
+    Only one process can do that: under torchrun the other ranks are already waiting in the
+    step's collective operations, so there the error is raised (lower ``batch_size`` or raise
+    ``grad_accum_steps``).
+    """
+
+    def __init__(self, count: int, *, world_size: int):
+        self.count, self.world_size = int(count), int(world_size)
+
+    def double(self, cells: int) -> bool:
+        if self.world_size > 1 or self.count >= cells:
+            return False
+        self.count = min(2 * self.count, cells)
+        return True
 
 
 def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking, random_state, grad_accum_steps,
