@@ -137,7 +137,8 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             report = pool.uns["xtrimo"]["annotate"]
             extra = {"best_epoch": report["best_epoch"]}
             if not probe:
-                extra.update(lr=args.finetune_lr, head_lr=args.finetune_head_lr)  # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
+                extra.update(lr=args.finetune_lr, head_lr=args.finetune_head_lr)
+                # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
                 hist = pd.DataFrame(report["history"])
                 warm = hist.loc[hist["stage"] == "warm start", "val_macro_f1"]
                 extra["val_f1_warm_start"] = warm.max() if len(warm) else float("nan")

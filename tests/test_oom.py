@@ -19,6 +19,10 @@ def oom():
     return torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
+def never_fits(*_):
+    raise oom()
+
+
 def test_rows_are_halved_until_they_fit_and_keep_their_order():
     calls = []
 
@@ -32,7 +36,7 @@ def test_rows_are_halved_until_they_fit_and_keep_their_order():
     np.testing.assert_array_equal(out, np.arange(13) * 10)
     assert max(n for n in calls if n <= 3) == 3 and calls[0] == 13
     with pytest.raises(torch.cuda.OutOfMemoryError):  # one row that does not fit: nothing left to split
-        halve_rows_on_oom(lambda rows: (_ for _ in ()).throw(oom()), np.arange(4))
+        halve_rows_on_oom(never_fits, np.arange(4))
 
 
 def test_a_step_is_retried_after_shrinking_and_gives_up_when_it_cannot():
@@ -52,7 +56,7 @@ def test_a_step_is_retried_after_shrinking_and_gives_up_when_it_cannot():
     with pytest.warns(RuntimeWarning, match="out of memory"):
         assert retry_on_oom(step, shrink, what="test") == 4
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        retry_on_oom(lambda: (_ for _ in ()).throw(oom()), lambda: False, what="test")
+        retry_on_oom(never_fits, lambda: False, what="test")
 
 
 def test_embed_recovers_from_out_of_memory_with_the_same_embedding(pbmc3k, tiny_config, monkeypatch):

@@ -115,13 +115,14 @@ class TokenBudgetSplit:
     def __init__(self, lengths: np.ndarray, *, max_tokens: int):
         self.lengths = np.asarray(lengths)
         self.max_tokens = int(max_tokens)
+        # two cells cost at least twice the shortest length: below that every part is one cell
+        self._one_cell_budget = 2 * max(int(self.lengths.min()) if self.lengths.size else 1, 1)
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         return token_budget_parts(rows, self.lengths, max_tokens=self.max_tokens)
 
     def shrink(self) -> bool:
-        # two cells cost at least twice the shortest length: below that every part is one cell
-        if self.max_tokens < 2 * max(int(self.lengths.min(initial=1)), 1):
+        if self.max_tokens < self._one_cell_budget:
             return False
         self.max_tokens //= 2
         return True
