@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
-from .._oom import halve_rows_on_oom, retry_on_oom
-from ..data._batching import TokenBudgetSplit, csr_row_batch, length_batches, sortish_batches
+from .._oom import retry_on_oom
+from ..data._batching import TokenBudgetSplit, csr_row_batch, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
-from ._embed import embed_matrix, resolve_model, token_budget
+from ._embed import embed_matrix, map_cells, resolve_model, token_budget
 
 HEAD_FILE = "classifier.safetensors"
 CLASSES_FILE = "classes.json"
@@ -182,18 +182,8 @@ def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
 @torch.no_grad()
 def _predict_proba(clf: CellTypeClassifier, X: sp.csr_matrix, rows: np.ndarray, device, batch_size: int, max_tokens: int) -> np.ndarray:
     clf.eval()
-    out = np.empty((len(rows), len(clf.classes)), dtype=np.float32)
-    lengths = np.diff(X.indptr)[rows]
-
-    def run(part: np.ndarray) -> np.ndarray:
-        batch = csr_row_batch(X, part).to(device)
-        with torch.inference_mode(), autocast(device):
-            return torch.softmax(clf(batch).float(), -1).cpu().numpy()
-
-    for b in length_batches(lengths, max_cells=batch_size, max_tokens=max_tokens):
-        b = np.sort(b)
-        out[b] = halve_rows_on_oom(run, rows[b])  # CUDA out-of-memory: halves, retried
-    return out
+    return map_cells(lambda batch: torch.softmax(clf(batch).float(), -1), X, rows, device, width=len(clf.classes),
+                     max_cells=batch_size, max_tokens=max_tokens)
 
 
 def _scores(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -11,7 +13,7 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
 from .._oom import halve_rows_on_oom
-from ..data._batching import csr_row_batch, length_batches
+from ..data._batching import TokenBatch, csr_row_batch, length_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load
 from ..models._xtrimogene import POOLINGS, XTrimoGene
@@ -42,25 +44,36 @@ def resolve_model(model: str | os.PathLike | XTrimoGene, device: torch.device) -
     return load(model, device=device)
 
 
-def _embed_rows(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device) -> np.ndarray:
-    """Embed ``X[rows]``; on CUDA out-of-memory, halve the batch and retry."""
+def apply_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    """``fn`` on the cells ``X[rows]`` (log1p rows) as one batch, in inference mode, as float32.
+
+    ``fn`` maps a :class:`TokenBatch` to an ``(n, k)`` tensor. On CUDA out-of-memory the rows are
+    halved and retried.
+    """
 
     def run(part: np.ndarray) -> np.ndarray:
         batch = csr_row_batch(X, part).to(device, non_blocking=True)
         with torch.inference_mode(), autocast(device):
-            return model.embed_cells(batch, pooling).float().cpu().numpy()
+            return fn(batch).float().cpu().numpy()
 
     return halve_rows_on_oom(run, rows)
+
+
+def map_cells(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device, *, width: int,
+              max_cells: int, max_tokens: int) -> np.ndarray:
+    """``(len(rows), width)`` float32: :func:`apply_rows` over ``X[rows]`` in length-bucketed batches."""
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
+        b = np.sort(b)
+        out[b] = apply_rows(fn, X, rows[b], device)
+    return out
 
 
 def embed_matrix(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device, *, max_cells: int,
                  max_tokens: int) -> np.ndarray:
     """Embeddings ``(len(rows), d)`` of ``X[rows]`` (log1p rows), in length-bucketed batches."""
-    out = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
-    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
-        b = np.sort(b)
-        out[b] = _embed_rows(model, X, rows[b], pooling, device)
-    return out
+    return map_cells(partial(model.embed_cells, pooling=pooling), X, rows, device, width=model.embedding_dim,
+                     max_cells=max_cells, max_tokens=max_tokens)
 
 
 def _gather_rows(out: np.ndarray, start: int, shards: list[np.ndarray], ctx: DistContext, device: torch.device) -> None:
@@ -168,7 +181,7 @@ def embed(
             check_no_empty_cells(X, data.obs_names, start=start)
             batches = [np.sort(b) for b in length_batches(np.diff(X.indptr), max_cells=cells, max_tokens=budget)]
             for rows in batches[ctx.rank :: ctx.world_size]:
-                out[start + rows] = _embed_rows(net, X, rows, pooling, dev)
+                out[start + rows] = apply_rows(partial(net.embed_cells, pooling=pooling), X, rows, dev)
                 bar.update(len(rows))
             if ctx.world_size > 1:
                 shards = [np.concatenate(batches[r :: ctx.world_size] or [np.zeros(0, np.int64)]).astype(np.int64)
