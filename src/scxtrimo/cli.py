@@ -1,4 +1,4 @@
-"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo`` and ``scxtrimo pretrain``.
+"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo``, ``scxtrimo pretrain`` and ``scxtrimo corpus``.
 
 ``scxtrimo embed`` and ``scxtrimo pretrain`` work alone and under ``torchrun --nproc_per_node=N -m scxtrimo.cli
 embed|pretrain ...`` (sharded embedding, see :func:`scxtrimo.tl.embed`; data-parallel training, see
@@ -22,7 +22,8 @@ def _embed(args) -> int:
     adata = ad.read_h5ad(args.input)
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
-             key_added=args.key_added, gene_symbols=args.gene_symbols)
+             key_added=args.key_added, gene_symbols=args.gene_symbols, target_depth=args.target_depth,
+             target_depth_mode=args.target_depth_mode)
     dt = time.perf_counter() - t
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
         return 0
@@ -165,6 +166,22 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _corpus(args) -> int:
+    from .data._corpus import pack_corpus
+
+    paths = [p for p in args.inputs if not any(x in Path(p).name for x in args.exclude)]
+    if not paths:
+        raise ValueError("No input file is left after --exclude.")
+    info = pack_corpus(paths, args.output, min_genes=args.min_genes, labels_key=args.labels_key,
+                       random_state=args.seed, progress=not args.quiet)
+    print(f"packed {info['cells']} cells ({info['nnz']} non-zeros, {info['n_clipped']} counts clipped at 65,535) "
+          f"from {len(paths)} files into {args.output}: {info['bytes'] / 2**20:.1f} MiB")
+    for row in info["sources"]:
+        print(f"  {row['source']}: {row['cells']} cells (train {row['train']}, validation {row['validation']}, "
+              f"test {row['test']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -180,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="xtrimo-3m", help="checkpoint name or folder (default: xtrimo-3m, bundled)")
     e.add_argument("--batch-size", type=int, default=None, help="most cells per batch (default: 1 on CPU, 256 on CUDA)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    e.add_argument("--pooling", default="max", choices=["max", "mean"])
+    e.add_argument("--pooling", default="max", choices=["max", "mean", "all"])
+    e.add_argument("--target-depth", type=float, default=4.0, help="depth-token models: the target depth T (default 4)")
+    e.add_argument("--target-depth-mode", default="fixed", choices=["fixed", "scale", "offset"])
     e.add_argument("--key-added", default="X_xtrimo")
     e.add_argument("--gene-symbols", default=None, help="var column with gene symbols if var_names are not symbols")
     e.set_defaults(func=_embed)
@@ -227,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=0, help="print a line every N steps (rank 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_pretrain)
+
+    c = sub.add_parser("corpus", help="pack .h5ad files into one compact pretraining corpus (.xtc)",
+                       description="Pack the cells of .h5ad files (aligned to the reference genes, more than 200 "
+                                   "expressed genes) into one lzma-compressed corpus that scripts/train_device.py "
+                                   "reads without anndata.")
+    c.add_argument("output", help="the corpus file to write (.xtc)")
+    c.add_argument("inputs", nargs="+", help=".h5ad files of counts with gene symbols")
+    c.add_argument("--exclude", nargs="*", default=[], help="skip inputs whose file name contains any of these")
+    c.add_argument("--min-genes", type=int, default=201)
+    c.add_argument("--labels-key", default="cell_type")
+    c.add_argument("--seed", type=int, default=0, help="seeds the 96:2:2 split")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_corpus)
     return p
 
 

@@ -1,11 +1,30 @@
-"""Masking, the batching path from sparse matrices to the model, and streamed corpora."""
+"""Masking, the batching path from sparse matrices to the model, depth tokens, packed and streamed corpora.
 
-from ._batching import TokenBatch, csr_row_batch, length_batches, padding_fraction, select_tokens, sortish_batches
-from ._masking import MaskedBatch, MaskingConfig, cell_keys, mask_values, mask_values_keyed
-from ._stream import CellBlock, H5adCorpus, MemoryBatches, StreamBatches, split_labels
+Names are imported on first use: masking, batching, depth tokens and the packed corpus need
+torch, NumPy and SciPy only; the streamed ``.h5ad`` corpus needs anndata.
+"""
 
-__all__ = [
-    "TokenBatch", "csr_row_batch", "length_batches", "padding_fraction", "select_tokens", "sortish_batches",
-    "MaskedBatch", "MaskingConfig", "mask_values", "mask_values_keyed", "cell_keys",
-    "CellBlock", "H5adCorpus", "MemoryBatches", "StreamBatches", "split_labels",
-]
+import importlib
+
+_WHERE = {
+    "TokenBatch": "_batching", "csr_row_batch": "_batching", "length_batches": "_batching",
+    "padding_fraction": "_batching", "select_tokens": "_batching", "sortish_batches": "_batching",
+    "MaskedBatch": "_masking", "MaskingConfig": "_masking", "mask_values": "_masking",
+    "mask_values_keyed": "_masking", "cell_keys": "_masking",
+    "ThinningConfig": "_depth", "depth_aware_inputs": "_depth", "thin_counts": "_depth", "target_depth": "_depth",
+    "Corpus": "_corpus", "load_corpus": "_corpus", "pack_corpus": "_corpus",
+    "CellBlock": "_stream", "H5adCorpus": "_stream", "MemoryBatches": "_stream", "StreamBatches": "_stream",
+    "split_labels": "_stream",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'scxtrimo.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -17,12 +17,17 @@ class MaskingConfig:
     of ~18,000 zero positions. Of the chosen positions, ``p_mask`` become [MASK], ``p_random``
     get a random expression value drawn from the batch, and the rest keep their value (the
     authors' released 80/10/10). At least one expressed gene always stays visible to the encoder.
+
+    ``max_visible`` (keyed masking only; ``None`` by default, as in the paper) bounds the
+    encoder's work on deep cells: when more expressed genes than that would stay visible, the
+    surplus also becomes [MASK] targets, so the encoder sees at most ``max_visible`` genes.
     """
 
     nonzero_ratio: float = 0.3
     zero_to_nonzero: float = 0.9
     p_mask: float = 0.8
     p_random: float = 0.1
+    max_visible: int | None = None
 
 
 @dataclass
@@ -233,4 +238,10 @@ def mask_values_keyed(values: torch.Tensor, config: MaskingConfig = MaskingConfi
         nz_cols = nonzero.nonzero(as_tuple=True)[1]  # row-major: each row's expressed genes in order
         offset = torch.cumsum(n_nonzero, 0) - n_nonzero
         inputs[r_rows, r_cols] = values[r_rows, nz_cols[offset[r_rows] + r]]
+    if config.max_visible is not None:
+        visible = (inputs != 0) & ~is_mask
+        surplus = (visible.sum(1) - int(config.max_visible)).clamp(min=0)
+        if bool((surplus > 0).any()):
+            extra = _choose_keyed(visible & ~target, surplus, scores)
+            is_mask, target = is_mask | extra, target | extra
     return _finish(values, nonzero, target, is_mask, inputs)

@@ -19,6 +19,7 @@ from .._reference import reference_genes
 from .._validation import check_finite_nonnegative
 from ..pp._align import GeneMapping, align_matrix, gene_mapping
 from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
+from ._depth import append_depth, target_depth
 
 BLOCK_CELLS = 10_000
 DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, float32) stays under this
@@ -81,6 +82,44 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
     return PreparedInput(adata, source, mapping, kind, n_matched)
 
 
+def counts_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``[start, stop)`` of a prepared input as counts on the 19,264 reference genes.
+
+    Raw counts are returned as they are (aligned); log1p or normalized input is turned back into
+    counts (:func:`scxtrimo.pp._normalize.to_counts`). For data prepared by
+    :func:`scxtrimo.pp.normalize` the counts are its ``layers['counts']``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(stop - start, 19264)`` float32, no explicit zeros.
+
+    Raises
+    ------
+    ValueError
+        Prepared data without ``layers['counts']`` (the counts are unknown).
+    """
+    what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
+    if prep.kind == "prepared":
+        if "counts" not in prep.adata.layers:
+            raise ValueError(
+                "This data holds log1p values without layers['counts'], so its total counts are unknown; "
+                "pass the raw counts (or keep layers['counts'] from scxtrimo.pp.normalize)."
+            )
+        block = prep.adata.layers["counts"][start:stop]
+        check_finite_nonnegative(block, what="adata.layers['counts']")
+        out = sp.csr_matrix(block, dtype=np.float32)
+        out.eliminate_zeros()
+        return out
+    block = prep.matrix()[start:stop]
+    if prep.mapping is not None:
+        block = align_matrix(block, prep.mapping, len(reference_genes()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # already warned once in prepare_input
+        counts, _ = to_counts(block, kind=prep.kind, what=what, warn=False)
+    return counts
+
+
 def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``[start, stop)`` of a prepared input as log1p CP10k on the reference genes.
 
@@ -96,41 +135,72 @@ def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
     scipy.sparse.csr_matrix
         ``(stop - start, 19264)`` float32, sorted indices, no explicit zeros.
     """
-    M = prep.matrix()
-    n_ref = len(reference_genes())
-    what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
-    block = M[start:stop]
     if prep.kind == "prepared":
+        what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
+        block = prep.matrix()[start:stop]
         check_finite_nonnegative(block, what=what)
         out = sp.csr_matrix(block, dtype=np.float32)
         out.eliminate_zeros()
         out.sort_indices()
         return out
-    if prep.mapping is not None:
-        block = align_matrix(block, prep.mapping, n_ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # already warned once in prepare_input
-        counts, _ = to_counts(block, kind=prep.kind, what=what, warn=False)
-    return log1p_normalize(counts)
+    return log1p_normalize(counts_rows(prep, start, stop))
 
 
-def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int | None = None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+def row_totals(prep: PreparedInput, start: int, stop: int) -> np.ndarray:
+    """``(stop - start,)`` float64 total counts of rows ``[start, stop)`` over the reference genes."""
+    return np.asarray(counts_rows(prep, start, stop).sum(axis=1), dtype=np.float64).ravel()
+
+
+def depth_rows(prep: PreparedInput, start: int, stop: int, depth: tuple[float, str],
+               totals: np.ndarray | None = None) -> sp.csr_matrix:
+    """Rows ``[start, stop)`` as a model with depth tokens takes them: ``(n, 19264 + 2)`` CSR float32.
+
+    Columns 0..19263 are log1p CP10k, then ``T`` (:func:`scxtrimo.data._depth.target_depth` of
+    the total with ``depth = (value, mode)``) and ``S = log10(total)``; the total is the sum of
+    the row's reference-gene counts, or ``totals[start:stop]`` when given (the authors' option
+    for log-normalized input with known raw totals). A non-positive T or S is left out.
+    """
+    if prep.kind == "prepared" or totals is not None:
+        X = log1p_rows(prep, start, stop)
+        tot = totals[start:stop] if totals is not None else row_totals(prep, start, stop)
+    else:
+        C = counts_rows(prep, start, stop)
+        X = log1p_normalize(C)
+        tot = np.asarray(C.sum(axis=1), dtype=np.float64).ravel()
+    with np.errstate(divide="ignore"):
+        S = np.log10(np.asarray(tot, dtype=np.float64))
+    return append_depth(X, target_depth(tot, *depth), S)
+
+
+def iter_log1p_blocks(prep: PreparedInput, *, block_cells: int | None = None, depth: tuple[float, str] | None = None,
+                      totals: np.ndarray | None = None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
     """Yield ``(start, stop, X)`` with ``X`` the log1p CP10k CSR float32 block on the 19,264 genes.
 
     ``block_cells`` defaults to :meth:`PreparedInput.block_cells` (bounded bytes per block).
+    With ``depth = (value, mode)`` the blocks carry the depth tokens too (:func:`depth_rows`).
     """
     block_cells = block_cells or prep.block_cells()
     for start in range(0, prep.adata.n_obs, block_cells):
         stop = min(start + block_cells, prep.adata.n_obs)
-        yield start, stop, log1p_rows(prep, start, stop)
+        if depth is None:
+            yield start, stop, log1p_rows(prep, start, stop)
+        else:
+            yield start, stop, depth_rows(prep, start, stop, depth, totals)
+
+
+def gene_token_counts(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
+    """Expressed reference genes per row of a model-input block (depth columns not counted)."""
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    return np.diff(X.indptr) - np.bincount(rows[X.indices >= n_genes], minlength=X.shape[0])
 
 
 def check_no_empty_cells(X: sp.csr_matrix, obs_names, *, start: int = 0) -> None:
     """Raise ``ValueError`` if a row of the log1p block ``X`` has no expressed reference gene.
 
     ``obs_names`` are the AnnData's cell names; ``start`` is the block's first row in them.
+    Depth-token columns (beyond the 19,264 genes) do not count as expressed genes.
     """
-    empty = np.flatnonzero(np.diff(X.indptr) == 0)
+    empty = np.flatnonzero(gene_token_counts(X, len(reference_genes())) == 0)
     if empty.size:
         names = list(obs_names[start + empty[:5]])
         raise ValueError(

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from .._reference import N_GENES
 
+ACTIVATIONS = ("gelu", "relu")
+KEY_MAX = ("head", "cell")
+
 
 @dataclass(frozen=True)
 class XTrimoGeneConfig:
@@ -30,6 +33,27 @@ class XTrimoGeneConfig:
         Random features of the Performer decoder's softmax-kernel approximation; ``None`` uses
         performer-pytorch's default ``dim_head * ln(dim_head)`` (266 for 64-wide heads). The
         paper does not give it; ``xtrimo-3m`` uses 32, which halves its CPU training step.
+    enc_norm_first
+        Pre-LayerNorm encoder blocks (True, scxtrimo's default) or post-LayerNorm blocks
+        (False, as in the authors' released model: ``x = LN(x + f(x))``).
+    enc_activation
+        Encoder feed-forward activation: ``"gelu"`` (exact) or ``"relu"`` (the released model).
+    dec_dim_head
+        Width of one decoder attention head; ``None`` means ``dec_dim // dec_heads``.
+    out_norm
+        A second LayerNorm between the decoder's own final LayerNorm and the ``d -> 1`` head
+        (the released model has one).
+    depth_tokens
+        Two depth tokens after the genes (``../specs``: the authors' released model): ``T``
+        (log10 of the target total count) at position ``n_genes`` and ``S`` (log10 of the
+        input's total count) at ``n_genes + 1``, each with its own gene-embedding row and
+        taking part in the encoder only when positive. The gene embedding then has
+        ``n_genes + 3`` rows (genes, T, S and the authors' unused padding row).
+    key_max
+        Which maximum stabilizes the Performer's key features: ``"head"`` (per cell and head,
+        performer-pytorch's choice) or ``"cell"`` (per cell over every head, position and
+        feature: the released model's output for one cell, independent of its batch mates).
+        Both are exact softmax-kernel features up to the ``1e-4`` floor the kernel adds.
     """
 
     name: str = "xtrimo-3m"
@@ -46,12 +70,32 @@ class XTrimoGeneConfig:
     autobin_alpha: float = 1.0
     nb_features: int | None = None
     dropout: float = 0.0
+    enc_norm_first: bool = True
+    enc_activation: str = "gelu"
+    dec_dim_head: int | None = None
+    out_norm: bool = False
+    depth_tokens: bool = False
+    key_max: str = "head"
 
     def __post_init__(self):
         for prefix in ("enc", "dec"):
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
             if dim % heads:
                 raise ValueError(f"{prefix}_dim={dim} is not divisible by {prefix}_heads={heads}.")
+        if self.enc_activation not in ACTIVATIONS:
+            raise ValueError(f"enc_activation={self.enc_activation!r}; choose one of {ACTIVATIONS}.")
+        if self.key_max not in KEY_MAX:
+            raise ValueError(f"key_max={self.key_max!r}; choose one of {KEY_MAX}.")
+
+    @property
+    def n_positions(self) -> int:
+        """Length of a cell's full input: the genes, then T and S if ``depth_tokens``."""
+        return self.n_genes + (2 if self.depth_tokens else 0)
+
+    @property
+    def n_embeddings(self) -> int:
+        """Rows of the gene embedding: the genes, plus T, S and a padding row if ``depth_tokens``."""
+        return self.n_genes + (3 if self.depth_tokens else 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

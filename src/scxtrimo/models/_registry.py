@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pooch
-
 CACHE_ENV = "SCXTRIMO_CACHE"
 FILES = ("config.json", "model.safetensors", "genes.txt")
 
@@ -37,7 +35,11 @@ REMOTE: dict[str, RemoteCheckpoint] = {}
 
 def cache_dir() -> Path:
     """The download cache: ``$SCXTRIMO_CACHE`` or the platform's user cache folder."""
-    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("scxtrimo"))
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    import pooch
+
+    return Path(pooch.os_cache("scxtrimo"))
 
 
 def register(name: str, base_url: str, sha256: dict) -> RemoteCheckpoint:
@@ -56,6 +58,8 @@ def fetch(name: str, *, progress: bool = False) -> Path:
         A downloaded or cached file whose sha256 differs from the registry's (the bad file is
         deleted, so the next call downloads it again).
     """
+    import pooch
+
     entry = REMOTE[name]
     folder = cache_dir() / name
     for fname in FILES:

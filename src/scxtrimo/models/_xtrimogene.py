@@ -11,7 +11,18 @@ from ._config import XTrimoGeneConfig, get_config
 from ._decoder import Decoder
 from ._encoder import Encoder
 
-POOLINGS = ("max", "mean")
+POOLINGS = ("max", "mean", "all")
+
+
+def check_pooling(pooling: str, config: XTrimoGeneConfig) -> None:
+    """Raise ``ValueError`` for an unknown pooling, or ``"all"`` on a model without depth tokens."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+    if pooling == "all" and not config.depth_tokens:
+        raise ValueError(
+            f"pooling='all' concatenates the outputs at the depth tokens T and S, which model {config.name!r} "
+            "does not have; use pooling='max' or 'mean'."
+        )
 
 
 class XTrimoGene(nn.Module):
@@ -24,6 +35,9 @@ class XTrimoGene(nn.Module):
       genes and the zero-value embedding elsewhere, plus gene embeddings, projected by ``W_p``
       to the decoder width and run through a Performer over all genes; a shared ``d -> 1``
       linear head predicts every gene's value.
+    * Depth tokens (``config.depth_tokens``, the authors' released model): ``T`` and ``S`` follow
+      the genes as two more positions with their own gene-embedding rows; a cell's input is then
+      ``n_genes + 2`` values, and T or S is an encoder token when its value is positive.
 
     Embedding cells needs the encoder only (:meth:`embed_cells`).
 
@@ -37,14 +51,17 @@ class XTrimoGene(nn.Module):
     def __init__(self, config: XTrimoGeneConfig | str = "xtrimo-3m"):
         super().__init__()
         self.config = cfg = get_config(config)
-        self.gene_embedding = nn.Embedding(cfg.n_genes, cfg.enc_dim)
+        self.gene_embedding = nn.Embedding(cfg.n_embeddings, cfg.enc_dim)
         self.value_embedding = AutoDiscretization(cfg.n_bins, cfg.enc_dim, cfg.autobin_alpha)
         self.mask_token = nn.Parameter(torch.zeros(cfg.enc_dim))
         self.pad_token = nn.Parameter(torch.zeros(cfg.enc_dim))
-        self.encoder = Encoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_ff_mult, cfg.dropout)
+        self.encoder = Encoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_ff_mult, cfg.dropout,
+                               norm_first=cfg.enc_norm_first, activation=cfg.enc_activation)
         self.decoder_proj = nn.Linear(cfg.enc_dim, cfg.dec_dim)
-        self.decoder = Decoder(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.dec_ff_mult, cfg.nb_features, cfg.dropout)
+        self.decoder = Decoder(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.dec_ff_mult, cfg.nb_features, cfg.dropout,
+                               dim_head=cfg.dec_dim_head, key_max=cfg.key_max)
         self.head = nn.Linear(cfg.dec_dim, 1)
+        self.out_norm = nn.LayerNorm(cfg.dec_dim) if cfg.out_norm else None
         self.reset_parameters()
         # provenance, filled in by scxtrimo.models.load / save
         self.checkpoint_name: str | None = None
@@ -68,8 +85,13 @@ class XTrimoGene(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        """Width ``d`` of the cell embedding (the encoder width)."""
+        """Width ``d`` of the encoder outputs (the cell embedding with ``"max"`` or ``"mean"`` pooling)."""
         return self.config.enc_dim
+
+    def embedding_width(self, pooling: str = "max") -> int:
+        """Width of the cell embedding for ``pooling``: ``d``, or ``4 d`` for ``"all"``."""
+        check_pooling(pooling, self.config)
+        return 4 * self.config.enc_dim if pooling == "all" else self.config.enc_dim
 
     def n_parameters(self) -> int:
         """Number of trainable parameters (gene embedding included)."""
@@ -83,17 +105,36 @@ class XTrimoGene(nn.Module):
         return self.encoder(x, batch.valid)
 
     def embed_cells(self, batch: TokenBatch, pooling: str = "max") -> torch.Tensor:
-        """Cell embeddings ``(B, enc_dim)``: encoder outputs pooled over each cell's genes.
+        """Cell embeddings ``(B, width)``: encoder outputs pooled over each cell's tokens.
 
-        ``pooling="max"`` is the paper's (appendix 4, 8.1); ``"mean"`` averages instead.
+        ``"max"`` (the paper's, appendix 4, 8.1) and ``"mean"`` pool over every real token, depth
+        tokens included (``width = d``). ``"all"`` (models with depth tokens, the authors'
+        default) concatenates the outputs at S and at T with the max and the mean over the gene
+        tokens only (``width = 4 d``); every cell must then hold both depth tokens.
         """
-        h = self.encode(batch)
-        valid = batch.valid.unsqueeze(-1)
+        check_pooling(pooling, self.config)
+        h = self.encode(batch)  # (B, L, d)
+        valid = batch.valid.unsqueeze(-1)  # (B, L, 1)
         if pooling == "max":
             return h.masked_fill(~valid, float("-inf")).amax(1)
         if pooling == "mean":
             return (h * valid).sum(1) / valid.sum(1).clamp(min=1)
-        raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+        n = self.config.n_genes
+        gene = (batch.valid & (batch.genes < n)).unsqueeze(-1)
+        at_t, at_s = batch.valid & (batch.genes == n), batch.valid & (batch.genes == n + 1)
+        if not bool(at_t.any(1).all() and at_s.any(1).all()):
+            raise ValueError("pooling='all' needs both depth tokens (T and S > 0) in every cell.")
+        pick = lambda at: (h * at.unsqueeze(-1)).sum(1)  # noqa: E731  the one token at `at`
+        gmax = h.masked_fill(~gene, float("-inf")).amax(1)
+        gmean = (h * gene).sum(1) / gene.sum(1).clamp(min=1)
+        return torch.cat([pick(at_s), pick(at_t), gmax, gmean], dim=-1)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, enc_dim)`` decoder input -> ``(B, N)`` predicted values."""
+        h = self.decoder(self.decoder_proj(x))
+        if self.out_norm is not None:
+            h = self.out_norm(h)
+        return self.head(h).squeeze(-1)
 
     # ---- full model ---------------------------------------------------------------------
     def forward(
@@ -111,12 +152,12 @@ class XTrimoGene(nn.Module):
         Parameters
         ----------
         inputs
-            ``(B, n_genes)`` float log1p CP10k values as the model may see them (masked
-            positions are ignored).
+            ``(B, n_positions)`` float log1p CP10k values as the model may see them (masked
+            positions are ignored); with depth tokens the last two columns are T and S.
         is_mask
-            ``(B, n_genes)`` bool, positions replaced by [MASK].
+            ``(B, n_positions)`` bool, positions replaced by [MASK].
         keep
-            ``(B, n_genes)`` bool, positions whose prediction is needed (the loss targets);
+            ``(B, n_positions)`` bool, positions whose prediction is needed (the loss targets);
             only used with ``decoder_zeros``.
         decoder_zeros
             ``None`` (default, the paper): the decoder runs over all genes. An int ``z``: the
@@ -127,23 +168,26 @@ class XTrimoGene(nn.Module):
         generator
             Seeded generator for the ``decoder_zeros`` draw.
         zero_scores
-            ``(B, n_genes)`` uniforms to use for that draw instead of ``generator`` (the lowest
-            scores win), e.g. per-cell keyed hashes so that the draw does not depend on which
-            process or micro-batch holds the cell.
+            ``(B, n_positions)`` uniforms to use for that draw instead of ``generator`` (the
+            lowest scores win), e.g. per-cell keyed hashes so that the draw does not depend on
+            which process or micro-batch holds the cell.
 
         Returns
         -------
-        ``(B, n_genes)`` float predictions.
+        ``(B, n_genes)`` float predictions (depth positions are not predicted).
         """
+        n_pos, n = self.config.n_positions, self.config.n_genes
+        if inputs.shape[1] != n_pos:
+            raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
         visible = (inputs != 0) & ~is_mask
         tokens, (rows, cols, pos) = select_tokens(visible, inputs)
         h = self.encode(tokens)
         zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
         dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
         dec_in = dec_in.index_put((rows, cols), h[rows, pos])
-        dec_in = dec_in + self.gene_embedding.weight.to(h.dtype)
+        dec_in = dec_in + self.gene_embedding.weight[:n_pos].to(h.dtype)
         if decoder_zeros is None:
-            return self.head(self.decoder(self.decoder_proj(dec_in))).squeeze(-1)
+            return self._decode(dec_in)[:, :n]
         must = visible | is_mask
         if keep is not None:
             must = must | keep
@@ -153,5 +197,5 @@ class XTrimoGene(nn.Module):
         score = zero_scores.masked_fill(must, -1.0)
         idx = score.topk(width, dim=1, largest=False).indices.sort(dim=1).values
         sub = dec_in.gather(1, idx.unsqueeze(-1).expand(-1, -1, dec_in.shape[-1]))
-        pred = self.head(self.decoder(self.decoder_proj(sub))).squeeze(-1)
-        return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)
+        pred = self._decode(sub)
+        return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)[:, :n]

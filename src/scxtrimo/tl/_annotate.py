@@ -61,9 +61,10 @@ class CellTypeClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.classes = [str(c) for c in classes]
-        self.head = nn.Linear(backbone.embedding_dim, len(self.classes))
-        self.register_buffer("feature_mean", torch.zeros(backbone.embedding_dim))
-        self.register_buffer("feature_scale", torch.ones(backbone.embedding_dim))
+        width = backbone.embedding_width(pooling)
+        self.head = nn.Linear(width, len(self.classes))
+        self.register_buffer("feature_mean", torch.zeros(width))
+        self.register_buffer("feature_scale", torch.ones(width))
         self.freeze = freeze
         self.pooling = pooling
         self.summary: dict = {}
@@ -111,9 +112,11 @@ class CellTypeClassifier(nn.Module):
 
 
 # ---- data -----------------------------------------------------------------------------------
-def _collect(adata, gene_symbols):
+def _collect(adata, gene_symbols, backbone: XTrimoGene):
+    """All cells as the backbone takes them (log1p CP10k, plus T = 4 and S for depth tokens)."""
     prep = prepare_input(adata, gene_symbols=gene_symbols)
-    X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep)], format="csr")
+    depth = (4.0, "fixed") if backbone.config.depth_tokens else None
+    X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep, depth=depth)], format="csr")
     check_no_empty_cells(X, adata.obs_names)
     return X, prep
 
@@ -153,8 +156,9 @@ def _stored_embedding(data, use_rep: str, backbone: XTrimoGene, pooling: str) ->
                          f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params'] "
                          f"says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
     emb = np.asarray(data.obsm[use_rep], dtype=np.float32)
-    if emb.shape != (data.n_obs, backbone.embedding_dim):
-        raise ValueError(f"obsm[{use_rep!r}] has shape {emb.shape}; expected ({data.n_obs}, {backbone.embedding_dim}).")
+    width = backbone.embedding_width(pooling)
+    if emb.shape != (data.n_obs, width):
+        raise ValueError(f"obsm[{use_rep!r}] has shape {emb.shape}; expected ({data.n_obs}, {width}).")
     return emb
 
 
@@ -376,7 +380,7 @@ def annotate(
 
     if isinstance(model, CellTypeClassifier):
         clf = model.to(dev)
-        X, prep = _collect(data, gene_symbols)
+        X, prep = _collect(data, gene_symbols, clf.backbone)
         if use_rep is not None:
             if clf.freeze != "all":
                 raise ValueError(f"use_rep={use_rep!r} works with linear-probe classifiers only (freeze='all'); this one "
@@ -422,9 +426,9 @@ def annotate(
     y_idx = np.full(data.n_obs, -1, dtype=np.int64)
     y_idx[labelled] = [class_index[c] for c in y_str]
 
-    X, prep = _collect(data, gene_symbols)
     torch.manual_seed(random_state)
     backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
+    X, prep = _collect(data, gene_symbols, backbone)
     clf = CellTypeClassifier(backbone, classes, freeze).to(dev)
     _set_trainable(clf, freeze)
     counts = np.bincount(y_idx[split["train"]], minlength=len(classes)).astype(np.float64)

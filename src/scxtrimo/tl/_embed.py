@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -11,70 +10,45 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
-from .._device import autocast, resolve_device
-from .._oom import halve_rows_on_oom
-from ..data._batching import TokenBatch, csr_row_batch, length_batches
+from .._inference import (  # noqa: F401  (re-exported: the inference loop lived here)
+    BATCH_CELLS, MAX_TOKENS, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, token_budget,
+)
+from ..data._batching import length_batches
+from ..data._depth import DEPTH_MODES
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
-from ..models._io import load
-from ..models._xtrimogene import POOLINGS, XTrimoGene
+from ..models._xtrimogene import POOLINGS, XTrimoGene, check_pooling
 from ._distributed import DistContext, init_distributed
 
-#: Default encoder token budget per batch (cells x longest cell), by device type.
-MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
-#: Default most cells per encoder batch, by device type. On CPU one cell per call is fastest
-#: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
-#: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
-BATCH_CELLS = {"cpu": 1, "cuda": 256}
+
+def depth_options(adata, *, target_depth: float, target_depth_mode: str, total_counts_key: str | None):
+    """Check the depth-token arguments of :func:`embed`; return the obs totals (or None)."""
+    if target_depth_mode not in DEPTH_MODES:
+        raise ValueError(f"Unknown target_depth_mode {target_depth_mode!r}; choose one of {DEPTH_MODES}.")
+    if not np.isfinite(target_depth):
+        raise ValueError(f"target_depth must be a finite number, got {target_depth!r}.")
+    if total_counts_key is None:
+        return None
+    if total_counts_key not in adata.obs:
+        raise KeyError(f"total_counts_key={total_counts_key!r} is not a column of adata.obs.")
+    totals = np.asarray(adata.obs[total_counts_key], dtype=np.float64)
+    if not np.all(np.isfinite(totals)) or np.any(totals < 0):
+        raise ValueError(f"obs[{total_counts_key!r}] must hold finite, non-negative total counts.")
+    return totals
 
 
-def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
-    """``batch_size`` if given, else the default most cells per encoder batch for ``device``."""
-    return batch_size or BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
-
-
-def token_budget(device: torch.device, max_tokens: int | None = None) -> int:
-    """``max_tokens`` if given, else the default encoder token budget for ``device``."""
-    return max_tokens or MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
-
-
-def resolve_model(model: str | os.PathLike | XTrimoGene, device: torch.device) -> XTrimoGene:
-    """A checkpoint name, a checkpoint folder or an :class:`XTrimoGene`, on ``device`` in eval mode."""
-    if isinstance(model, XTrimoGene):
-        return model.to(device).eval()
-    return load(model, device=device)
-
-
-def apply_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> np.ndarray:
-    """``fn`` on the cells ``X[rows]`` (log1p rows) as one batch, in inference mode, as float32.
-
-    ``fn`` maps a :class:`TokenBatch` to an ``(n, k)`` tensor. On CUDA out-of-memory the rows are
-    halved and retried.
-    """
-
-    def run(part: np.ndarray) -> np.ndarray:
-        batch = csr_row_batch(X, part).to(device, non_blocking=True)
-        with torch.inference_mode(), autocast(device):
-            return fn(batch).float().cpu().numpy()
-
-    return halve_rows_on_oom(run, rows)
-
-
-def map_cells(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device, *, width: int,
-              max_cells: int, max_tokens: int) -> np.ndarray:
-    """``(len(rows), width)`` float32: :func:`apply_rows` over ``X[rows]`` in length-bucketed batches."""
-    out = np.empty((len(rows), width), dtype=np.float32)
-    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
-        b = np.sort(b)
-        out[b] = apply_rows(fn, X, rows[b], device)
-    return out
-
-
-def embed_matrix(model: XTrimoGene, X, rows: np.ndarray, pooling: str, device: torch.device, *, max_cells: int,
-                 max_tokens: int) -> np.ndarray:
-    """Embeddings ``(len(rows), d)`` of ``X[rows]`` (log1p rows), in length-bucketed batches."""
-    return map_cells(partial(model.embed_cells, pooling=pooling), X, rows, device, width=model.embedding_dim,
-                     max_cells=max_cells, max_tokens=max_tokens)
-
+def check_depth_tokens(X, obs_names, *, start: int, n_genes: int) -> None:
+    """Refuse cells of a depth-token block that lack T or S (needed by ``pooling='all'``)."""
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    has_t = np.bincount(rows[X.indices == n_genes], minlength=X.shape[0]) > 0
+    has_s = np.bincount(rows[X.indices == n_genes + 1], minlength=X.shape[0]) > 0
+    bad = np.flatnonzero(~(has_t & has_s))
+    if bad.size:
+        names = list(obs_names[start + bad[:5]])
+        raise ValueError(
+            f"{bad.size} cells (e.g. {names}) have a total count of at most 1 (S = log10(total) <= 0) or a "
+            "non-positive target depth T, so they have no depth token for pooling='all'. Remove them "
+            "(`sc.pp.filter_cells(adata, min_counts=2)`), use pooling='max', or pass a positive target_depth."
+        )
 
 def _gather_rows(out: np.ndarray, start: int, shards: list[np.ndarray], ctx: DistContext, device: torch.device) -> None:
     """Give every rank the rows the other ranks embedded: ``shards[r]`` are rank ``r``'s rows of
@@ -101,6 +75,9 @@ def embed(
     pooling: str = "max",
     key_added: str = "X_xtrimo",
     gene_symbols: str | None = None,
+    target_depth: float = 4.0,
+    target_depth_mode: str = "fixed",
+    total_counts_key: str | None = None,
     copy: bool = False,
     progress: bool = True,
 ):
@@ -140,11 +117,22 @@ def embed(
     device
         ``"auto"`` (CUDA if available, with bf16 autocast), ``"cpu"`` or ``"cuda"``.
     pooling
-        ``"max"`` (the paper's) or ``"mean"`` over each cell's genes.
+        ``"max"`` (the paper's) or ``"mean"`` over each cell's tokens; ``"all"`` (models with
+        depth tokens only; the authors' default) concatenates the encoder outputs at S and T
+        with the max and the mean over the genes (``4 d`` numbers).
     key_added
         ``obsm`` key of the result.
     gene_symbols
         ``var`` column holding gene symbols, if ``var_names`` are not symbols (e.g. Ensembl IDs).
+    target_depth, target_depth_mode
+        Models with depth tokens only: the target depth ``T`` given to the encoder beside the
+        observed depth ``S = log10(total counts)``. ``"fixed"``: ``T = target_depth`` (default
+        4, i.e. 10,000 reads, the authors' default); ``"scale"``: ``T = log10(total x
+        target_depth)``; ``"offset"``: ``T = S + target_depth`` (``0``: the observed depth).
+    total_counts_key
+        Models with depth tokens only: ``obs`` column with each cell's raw total count, used for
+        ``S`` (and ``T``) instead of the total recovered from the data, e.g. for log-normalized
+        input whose raw totals are known.
     copy
         Return a new object instead of writing into ``adata``.
     progress
@@ -154,7 +142,8 @@ def embed(
     -------
     ``None``, or with ``copy=True`` a new AnnData/MuData. Writes into the AnnData:
 
-    * ``obsm[key_added]``: ``(n_obs, d)`` float32 cell embeddings (``d`` = 128 for xtrimo-3m).
+    * ``obsm[key_added]``: ``(n_obs, d)`` float32 cell embeddings (``d`` = 128 for xtrimo-3m;
+      ``4 d`` with ``pooling="all"``).
     * ``uns['xtrimo']['params']``: checkpoint name and sha256, configuration, package version,
       number of reference genes matched, pooling, ``key_added`` and the detected input kind.
 
@@ -163,22 +152,33 @@ def embed(
     ValueError
         Too few genes match the reference list (e.g. mouse genes, Ensembl IDs without
         ``gene_symbols``); negative or non-finite values; cells with no expressed reference gene
-        (filter them with ``sc.pp.filter_cells``); unknown ``pooling``; a checkpoint that does
-        not load. ``adata`` is unchanged when anything fails.
+        (filter them with ``sc.pp.filter_cells``); unknown ``pooling``, or ``"all"`` for a model
+        without depth tokens or for cells with a total count of at most 1; an unknown
+        ``target_depth_mode``; a checkpoint that does not load. ``adata`` is unchanged when
+        anything fails.
+    KeyError
+        ``total_counts_key`` is not a column of ``obs``.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+    data0 = rna_modality(adata)
+    totals = depth_options(data0, target_depth=target_depth, target_depth_mode=target_depth_mode,
+                           total_counts_key=total_counts_key)
     target = adata.copy() if copy else adata
     data = rna_modality(target)
     prep = prepare_input(data, gene_symbols=gene_symbols)
     ctx, dev = init_distributed(device)
     try:
         net = resolve_model(model, dev)
+        check_pooling(pooling, net.config)
+        depth = (float(target_depth), target_depth_mode) if net.config.depth_tokens else None
         budget, cells = token_budget(dev, max_tokens), batch_cells(dev, batch_size)
-        out = np.zeros((data.n_obs, net.embedding_dim), dtype=np.float32)
+        out = np.zeros((data.n_obs, net.embedding_width(pooling)), dtype=np.float32)
         bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress or not ctx.is_main)
-        for start, stop, X in iter_log1p_blocks(prep):
+        for start, stop, X in iter_log1p_blocks(prep, depth=depth, totals=totals):
             check_no_empty_cells(X, data.obs_names, start=start)
+            if pooling == "all":
+                check_depth_tokens(X, data.obs_names, start=start, n_genes=net.config.n_genes)
             batches = [np.sort(b) for b in length_batches(np.diff(X.indptr), max_cells=cells, max_tokens=budget)]
             for rows in batches[ctx.rank :: ctx.world_size]:
                 out[start + rows] = apply_rows(partial(net.embed_cells, pooling=pooling), X, rows, dev)
@@ -202,6 +202,8 @@ def embed(
         "n_genes_matched": int(prep.n_matched),
         "pooling": pooling,
         "key_added": key_added,
+        **({"target_depth": float(target_depth), "target_depth_mode": target_depth_mode} if depth is not None else {}),
+        **({"total_counts_key": total_counts_key} if depth is not None and total_counts_key else {}),
         "input": prep.kind,
         "device": dev.type,
         "world_size": ctx.world_size,

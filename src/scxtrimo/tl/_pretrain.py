@@ -25,6 +25,7 @@ from .._anndata import rna_modality
 from .._device import autocast
 from .._oom import retry_on_oom
 from .._version import __version__
+from ..data._objective import lr_factor  # noqa: F401  (re-exported; it lived here)
 from ..data._masking import MaskingConfig, cell_keys, keyed_uniform, mask_values, mask_values_keyed
 from ..data._prepare import iter_log1p_blocks, prepare_input
 from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
@@ -75,13 +76,6 @@ def split_cells(n: int, random_state: int = 0, fractions: Sequence[float] = SPLI
         "test": np.sort(order[n_val : n_val + n_test]),
         "train": order[n_val + n_test :],
     }
-
-
-def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.1) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` as ``progress`` -> 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def masked_loss(pred: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

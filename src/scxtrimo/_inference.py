@@ -1,0 +1,77 @@
+"""Running a model over the rows of a log1p CSR matrix: length-bucketed batches, inference mode.
+
+The one inference loop behind :func:`scxtrimo.tl.embed`, :func:`scxtrimo.tl.annotate`'s
+predictions and the training scripts' evaluations. It needs torch, NumPy and SciPy only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+
+from ._device import autocast
+from ._oom import halve_rows_on_oom
+from .data._batching import TokenBatch, csr_row_batch, length_batches
+
+#: Default encoder token budget per batch (cells x longest cell), by device type.
+MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
+#: Default most cells per encoder batch, by device type. On CPU one cell per call is fastest
+#: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
+#: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
+BATCH_CELLS = {"cpu": 1, "cuda": 256}
+
+
+def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
+    """``batch_size`` if given, else the default most cells per encoder batch for ``device``."""
+    return batch_size or BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
+
+
+def token_budget(device: torch.device, max_tokens: int | None = None) -> int:
+    """``max_tokens`` if given, else the default encoder token budget for ``device``."""
+    return max_tokens or MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
+
+
+def resolve_model(model, device: torch.device):
+    """A checkpoint name, a checkpoint folder or an :class:`~scxtrimo.models.XTrimoGene`, on ``device`` in eval mode."""
+    from .models._io import load
+    from .models._xtrimogene import XTrimoGene
+
+    if isinstance(model, XTrimoGene):
+        return model.to(device).eval()
+    return load(model, device=device)
+
+
+def apply_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    """``fn`` on the cells ``X[rows]`` (log1p rows) as one batch, in inference mode, as float32.
+
+    ``fn`` maps a :class:`TokenBatch` to an ``(n, k)`` tensor. On CUDA out-of-memory the rows are
+    halved and retried.
+    """
+
+    def run(part: np.ndarray) -> np.ndarray:
+        batch = csr_row_batch(X, part).to(device, non_blocking=True)
+        with torch.inference_mode(), autocast(device):
+            return fn(batch).float().cpu().numpy()
+
+    return halve_rows_on_oom(run, rows)
+
+
+def map_cells(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device, *, width: int,
+              max_cells: int, max_tokens: int) -> np.ndarray:
+    """``(len(rows), width)`` float32: :func:`apply_rows` over ``X[rows]`` in length-bucketed batches."""
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
+        b = np.sort(b)
+        out[b] = apply_rows(fn, X, rows[b], device)
+    return out
+
+
+def embed_matrix(model, X, rows: np.ndarray, pooling: str, device: torch.device, *, max_cells: int,
+                 max_tokens: int) -> np.ndarray:
+    """Embeddings ``(len(rows), d)`` of ``X[rows]`` (log1p rows), in length-bucketed batches."""
+    return map_cells(partial(model.embed_cells, pooling=pooling), X, rows, device, width=model.embedding_width(pooling),
+                     max_cells=max_cells, max_tokens=max_tokens)

@@ -1,0 +1,224 @@
+"""Time-boxed pretraining on a packed corpus, sized for one GPU call (or a CPU background run).
+
+The loop behind ``scripts/train_device.py``: it needs torch, NumPy and SciPy only (plus
+performer-pytorch for the decoder), so it runs on a GPU machine that has no scanpy or anndata.
+Batches are cells of similar length (few [PAD] tokens), moved to the device as CSR pieces and
+made dense there; thinning, masking and depth tokens are per-cell keyed
+(:func:`~scxtrimo.data._objective.training_batch`); bf16 autocast and fused AdamW on CUDA; the
+learning rate warms up and then follows a cosine over the time budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ._device import autocast
+from .data._batching import sortish_batches
+from .data._corpus import Corpus
+from .data._depth import ThinningConfig
+from .data._masking import MaskingConfig, cell_keys
+from .data._objective import lr_factor, masked_sse, training_batch
+from .models._xtrimogene import XTrimoGene
+
+#: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class CorpusTrainConfig:
+    """Settings of :func:`train_corpus` (what ``scripts/train_device.py`` exposes)."""
+
+    minutes: float = 8.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    decoder_zeros: int | None = None
+    thinning: ThinningConfig | None = field(default_factory=ThinningConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    eval_every_s: float = 60.0
+    eval_cells: int = 256
+    random_state: int = 0
+    max_steps: int | None = None
+
+
+def counts_to_device(X: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, n)`` CSR counts -> dense float32 ``(B, n)`` on ``device`` (built there), and ``(B,)`` totals."""
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    r = torch.from_numpy(rows).to(device, non_blocking=True)
+    c = torch.from_numpy(X.indices.astype(np.int64)).to(device, non_blocking=True)
+    v = torch.from_numpy(X.data.astype(np.float32)).to(device, non_blocking=True)
+    dense = torch.zeros(X.shape, dtype=torch.float32, device=device)
+    dense[r, c] = v
+    return dense, dense.sum(1)
+
+
+@torch.no_grad()
+def evaluate_corpus(model: XTrimoGene, corpus: Corpus, rows: np.ndarray, *, device: torch.device, batch_size: int,
+                    masking: MaskingConfig, thinning: ThinningConfig | None, seed: int = 12345,
+                    decoder_zeros: int | None = None) -> dict:
+    """Masked-value MSE and Pearson r on ``corpus`` cells ``rows`` with fixed (keyed) masks."""
+    was = model.training
+    model.eval()
+    preds, trues = [], []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        counts, _ = counts_to_device(corpus.counts[part], device)
+        totals = torch.from_numpy(corpus.total[part]).to(device)
+        keys = cell_keys(seed, 0, np.arange(start, start + len(part)), device=device)
+        tb = training_batch(counts, keys, masking=masking, thinning=thinning, depth_tokens=model.config.depth_tokens,
+                            totals=totals)
+        with autocast(device):
+            pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=decoder_zeros,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+        preds.append(pred[tb.target].float().cpu())
+        trues.append(tb.values[tb.target].float().cpu())
+    model.train(was)
+    p, t = torch.cat(preds).numpy(), torch.cat(trues).numpy()
+    r = float(np.corrcoef(p, t)[0, 1]) if p.size > 1 and p.std() > 0 and t.std() > 0 else float("nan")
+    return {"mse": float(np.mean((p - t) ** 2)), "pearson": r, "n_targets": int(p.size)}
+
+
+def step_flops(model: XTrimoGene, counts: torch.Tensor, totals: torch.Tensor, cfg: CorpusTrainConfig) -> float:
+    """FLOPs of one forward + backward pass on ``counts`` (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    keys = cell_keys(cfg.random_state, 0, np.arange(counts.shape[0]), device=counts.device)
+    tb = training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
+                        depth_tokens=model.config.depth_tokens, totals=totals)
+    with FlopCounterMode(display=False) as fc:
+        with autocast(counts.device):
+            pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
+                         zero_scores=torch.rand(tb.inputs.shape, device=counts.device))
+        masked_sse(pred, tb).backward()
+    model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known GPU, else ``None`` (no MFU is reported on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device,
+                 on_eval=None, log=print) -> dict:
+    """Pretrain ``model`` in place on the training cells of ``corpus`` for ``cfg.minutes``.
+
+    Parameters
+    ----------
+    model
+        The model to train (moved to ``device``); a config with depth tokens gets T and S.
+    corpus
+        A packed corpus (:func:`~scxtrimo.data.load_corpus`); its split decides training
+        and validation cells.
+    cfg
+        :class:`CorpusTrainConfig`.
+    device
+        Where to train; CUDA runs in bf16 autocast with fused AdamW and TF32.
+    on_eval
+        Called with the history list after every evaluation (e.g. to save the model).
+    log
+        Where progress lines go.
+
+    Returns
+    -------
+    dict
+        ``history`` (list of dicts: step, cells_seen, elapsed_s, lr, train_mse, val_mse,
+        val_pearson, val_thinned_mse, val_thinned_pearson) and ``throughput`` (cells/s,
+        encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
+        training seconds excluding evaluations).
+    """
+    model.to(device).train()
+    rows = corpus.rows("train")
+    val = corpus.rows("validation")[: cfg.eval_cells]
+    lengths = np.diff(corpus.counts.indptr)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    budget = cfg.minutes * 60.0
+    t0 = time.perf_counter()
+    eval_s = 0.0
+    history, running = [], []
+    step, cells, tokens, epoch = 0, 0, 0, 0
+    flops_per_cell = None
+    next_eval = cfg.eval_every_s
+
+    def record():
+        nonlocal eval_s
+        t = time.perf_counter()
+        kw = dict(device=device, batch_size=min(cfg.batch_size, 64), masking=cfg.masking,
+                  decoder_zeros=cfg.decoder_zeros)
+        plain = evaluate_corpus(model, corpus, val, thinning=None, **kw)
+        thinned = evaluate_corpus(model, corpus, val, thinning=cfg.thinning or ThinningConfig(), **kw)
+        eval_s += time.perf_counter() - t
+        history.append({
+            "step": step, "cells_seen": cells, "elapsed_s": round(time.perf_counter() - t0, 1),
+            "lr": opt.param_groups[0]["lr"], "train_mse": float(np.mean(running)) if running else float("nan"),
+            "val_mse": plain["mse"], "val_pearson": plain["pearson"],
+            "val_thinned_mse": thinned["mse"], "val_thinned_pearson": thinned["pearson"],
+        })
+        running.clear()
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()))
+        if on_eval is not None:
+            on_eval(history)
+
+    done = False
+    while not done:
+        rng = np.random.default_rng([cfg.random_state, epoch])
+        for b in sortish_batches(lengths[rows], cfg.batch_size, rng):
+            elapsed = time.perf_counter() - t0
+            if elapsed > budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+                done = True
+                break
+            part = rows[b]
+            counts, _ = counts_to_device(corpus.counts[part], device)
+            totals = torch.from_numpy(corpus.total[part]).to(device, non_blocking=True)
+            if flops_per_cell is None:
+                flops_per_cell = step_flops(model, counts, totals, cfg) / len(part)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, elapsed / budget)
+            keys = cell_keys(cfg.random_state, step, np.arange(len(part)), device=device)
+            tb = training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
+                                depth_tokens=model.config.depth_tokens, totals=totals)
+            with autocast(device):
+                pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
+                             zero_scores=torch.rand(tb.inputs.shape, device=device) if cfg.decoder_zeros else None)
+            n_t = tb.target.sum().clamp(min=1)
+            loss = masked_sse(pred, tb) / n_t
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            cells += len(part)
+            tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
+            running.append(float(loss.detach()))
+            if time.perf_counter() - t0 - eval_s >= next_eval:
+                record()
+                next_eval += cfg.eval_every_s
+        epoch += 1
+    if not history or history[-1]["step"] != step:
+        record()
+    train_s = time.perf_counter() - t0 - eval_s
+    peak = peak_flops(device)
+    cps = cells / max(train_s, 1e-9)
+    return {
+        "history": history,
+        "throughput": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "steps": step, "cells_seen": cells, "epochs": cells / max(1, len(rows)), "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1), "cells_per_s": cps, "encoder_tokens_per_s": tokens / max(train_s, 1e-9),
+            "flops_per_cell": flops_per_cell, "achieved_flops": (flops_per_cell or 0) * cps,
+            "mfu": (flops_per_cell or 0) * cps / peak if peak else None,
+            "train_cells": int(len(rows)), "val_cells": int(len(val)), "batch_size": cfg.batch_size,
+            "minutes": cfg.minutes, "threads": torch.get_num_threads(),
+        },
+    }

@@ -1,0 +1,94 @@
+"""One masked-regression training batch from raw counts (paper section 4; depth-aware variant).
+
+The objective of pretraining in one place: counts are (optionally) thinned, normalized to
+log1p CP10k, masked (:func:`~scxtrimo.data.mask_values_keyed`) and, for models with depth
+tokens, extended by the T and S columns; the loss is the MSE at the masked genes against the
+real cell's values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._depth import ThinningConfig, depth_aware_inputs, depth_columns, log1p_cp10k
+from ._masking import MaskingConfig, mask_values_keyed
+
+
+@dataclass
+class TrainingBatch:
+    """Model inputs and regression targets of one batch.
+
+    inputs : ``(B, n_positions)`` float32, what the model sees ([MASK] positions zeroed; T and S last).
+    is_mask : ``(B, n_positions)`` bool, [MASK] positions (never a depth position).
+    target : ``(B, n_genes)`` bool, positions the loss is computed on.
+    values : ``(B, n_genes)`` float32, the real cell's log1p CP10k values (regression targets).
+    """
+
+    inputs: torch.Tensor
+    is_mask: torch.Tensor
+    target: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """``target`` padded to ``(B, n_positions)`` (the predictions the decoder must make)."""
+        extra = self.inputs.shape[1] - self.target.shape[1]
+        if extra == 0:
+            return self.target
+        return torch.cat([self.target, self.target.new_zeros(self.target.shape[0], extra)], dim=1)
+
+
+def training_batch(counts: torch.Tensor, keys: torch.Tensor, *, masking: MaskingConfig = MaskingConfig(),
+                   thinning: ThinningConfig | None = None, depth_tokens: bool = False,
+                   totals: torch.Tensor | None = None) -> TrainingBatch:
+    """Build a :class:`TrainingBatch` from ``(B, n_genes)`` raw counts.
+
+    Parameters
+    ----------
+    counts
+        ``(B, n_genes)`` raw counts on the reference genes.
+    keys
+        ``(B,)`` int64 per-cell keys (:func:`~scxtrimo.data.cell_keys`): every random choice
+        (thinning, masking) is a function of a cell's key.
+    masking
+        :class:`~scxtrimo.data.MaskingConfig`; targets are chosen among the genes the model sees
+        (expressed and unexpressed in the observed, possibly thinned, cell).
+    thinning
+        ``None``: the model sees the real cell. A :class:`~scxtrimo.data.ThinningConfig`: the
+        model sees a binomial thinning of it and regresses the real values (depth-aware
+        pretraining).
+    depth_tokens
+        Append the T (real depth) and S (observed depth) columns.
+    totals
+        ``(B,)`` real total counts, when they differ from ``counts.sum(1)``.
+    """
+    if thinning is not None:
+        observed, values, depth = depth_aware_inputs(counts, keys, thinning, totals=totals)
+    else:
+        values, total = log1p_cp10k(counts)
+        if totals is not None:
+            total = totals.to(torch.float64)
+        observed = values
+        log_total = torch.log10(total)
+        depth = depth_columns(log_total, log_total)
+    mb = mask_values_keyed(observed, masking, keys=keys)
+    inputs, is_mask = mb.inputs, mb.is_mask
+    if depth_tokens:
+        inputs = torch.cat([inputs, depth.to(inputs.dtype)], dim=1)
+        is_mask = torch.cat([is_mask, is_mask.new_zeros(is_mask.shape[0], 2)], dim=1)
+    return TrainingBatch(inputs=inputs, is_mask=is_mask, target=mb.target, values=values)
+
+
+def masked_sse(pred: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+    """Sum of squared errors at the masked positions (float32); divide by their number for the MSE."""
+    return (pred[batch.target].float() - batch.values[batch.target].float()).pow(2).sum()
+
+
+def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` as ``progress`` -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
