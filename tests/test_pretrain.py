@@ -4,23 +4,22 @@ import pytest
 import torch
 
 import scxtrimo
-from scxtrimo.data import MaskingConfig, mask_values
+from scxtrimo.data import MaskingConfig, ThinningConfig, cell_keys, sortish_batches
+from scxtrimo.data._objective import masked_sse, training_batch
 from scxtrimo.models import XTrimoGene
-from scxtrimo.data import sortish_batches
-from scxtrimo.tl._pretrain import evaluate, masked_loss, split_cells
+from scxtrimo.tl._pretrain import evaluate, split_cells
 
 
 def test_training_steps_lower_the_masked_loss_on_real_cells(pbmc3k_prepared, tiny_config):
     torch.manual_seed(0)
-    X = pbmc3k_prepared.X[:16]
+    X = pbmc3k_prepared.layers["counts"][:16]
     model = XTrimoGene(tiny_config)
     before = evaluate(model, X, batch_size=8, masking=MaskingConfig(), device=torch.device("cpu"), seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
     for step in range(12):
-        values = torch.from_numpy(X[(step % 2) * 8 : (step % 2) * 8 + 8].toarray())
-        mb = mask_values(values, generator=gen)
-        loss = masked_loss(model(mb.inputs, mb.is_mask), mb.values, mb.target)
+        counts = torch.from_numpy(X[(step % 2) * 8 : (step % 2) * 8 + 8].toarray())
+        tb = training_batch(counts, cell_keys(0, step, np.arange(8)))
+        loss = masked_sse(model(tb.inputs, tb.is_mask), tb) / tb.target.sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,3 +85,20 @@ def test_pretrain_with_sampled_decoder_context(pbmc3k, tiny_config):
                                           eval_cells=8, lr=1e-3, decoder_zeros=64, progress=False)
     assert model.metadata["decoder_zeros"] == 64
     assert np.isfinite(history["val_mse"]).all() and np.isfinite(history["train_mse"]).all()
+
+
+def test_depth_aware_pretraining_trains_a_depth_token_model(pbmc3k, tiny_config):
+    """tl.pretrain with thinning and a depth-token model: the masked loss falls and T/S are learned."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, name="tiny-depth", depth_tokens=True)
+    small = pbmc3k[:100].copy()
+    model, history = scxtrimo.tl.pretrain(small, config=cfg, max_steps=6, batch_size=8, eval_every=3, eval_cells=16,
+                                          lr=3e-3, thinning=ThinningConfig(p_thin=1.0, min_total=0), progress=False)
+    assert model.config.depth_tokens and model.metadata["thinning"]["p_thin"] == 1.0
+    assert np.isfinite(history["val_mse"]).all()
+    trained = model.gene_embedding.weight[-3:-1]  # the T and S rows receive gradient
+    torch.manual_seed(0)
+    fresh = XTrimoGene(cfg).gene_embedding.weight[-3:-1]
+    assert not torch.allclose(trained.cpu(), fresh)
+    scxtrimo.tl.embed(small[:20], model=model, pooling="all", progress=False)

@@ -14,15 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ._device import autocast
 from .data._batching import sortish_batches
 from .data._corpus import Corpus
 from .data._depth import ThinningConfig
-from .data._masking import MaskingConfig, cell_keys
-from .data._objective import lr_factor, masked_sse, training_batch
+from .data._masking import MaskingConfig, cell_keys, keyed_uniform
+from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
 from .models._xtrimogene import XTrimoGene
 
 #: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU.
@@ -46,43 +45,6 @@ class CorpusTrainConfig:
     eval_cells: int = 256
     random_state: int = 0
     max_steps: int | None = None
-
-
-def counts_to_device(X: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, n)`` CSR counts -> dense float32 ``(B, n)`` on ``device`` (built there), and ``(B,)`` totals."""
-    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-    r = torch.from_numpy(rows).to(device, non_blocking=True)
-    c = torch.from_numpy(X.indices.astype(np.int64)).to(device, non_blocking=True)
-    v = torch.from_numpy(X.data.astype(np.float32)).to(device, non_blocking=True)
-    dense = torch.zeros(X.shape, dtype=torch.float32, device=device)
-    dense[r, c] = v
-    return dense, dense.sum(1)
-
-
-@torch.no_grad()
-def evaluate_corpus(model: XTrimoGene, corpus: Corpus, rows: np.ndarray, *, device: torch.device, batch_size: int,
-                    masking: MaskingConfig, thinning: ThinningConfig | None, seed: int = 12345,
-                    decoder_zeros: int | None = None) -> dict:
-    """Masked-value MSE and Pearson r on ``corpus`` cells ``rows`` with fixed (keyed) masks."""
-    was = model.training
-    model.eval()
-    preds, trues = [], []
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
-        counts, _ = counts_to_device(corpus.counts[part], device)
-        totals = torch.from_numpy(corpus.total[part]).to(device)
-        keys = cell_keys(seed, 0, np.arange(start, start + len(part)), device=device)
-        tb = training_batch(counts, keys, masking=masking, thinning=thinning, depth_tokens=model.config.depth_tokens,
-                            totals=totals)
-        with autocast(device):
-            pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=decoder_zeros,
-                         generator=torch.Generator(device=device).manual_seed(seed))
-        preds.append(pred[tb.target].float().cpu())
-        trues.append(tb.values[tb.target].float().cpu())
-    model.train(was)
-    p, t = torch.cat(preds).numpy(), torch.cat(trues).numpy()
-    r = float(np.corrcoef(p, t)[0, 1]) if p.size > 1 and p.std() > 0 and t.std() > 0 else float("nan")
-    return {"mse": float(np.mean((p - t) ** 2)), "pearson": r, "n_targets": int(p.size)}
 
 
 def step_flops(model: XTrimoGene, counts: torch.Tensor, totals: torch.Tensor, cfg: CorpusTrainConfig) -> float:
@@ -156,8 +118,9 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
         t = time.perf_counter()
         kw = dict(device=device, batch_size=min(cfg.batch_size, 64), masking=cfg.masking,
                   decoder_zeros=cfg.decoder_zeros)
-        plain = evaluate_corpus(model, corpus, val, thinning=None, **kw)
-        thinned = evaluate_corpus(model, corpus, val, thinning=cfg.thinning or ThinningConfig(), **kw)
+        X_val, t_val = corpus.counts[val], corpus.total[val]
+        plain = evaluate_masked(model, X_val, totals=t_val, thinning=None, seed=12345, **kw)
+        thinned = evaluate_masked(model, X_val, totals=t_val, thinning=cfg.thinning or ThinningConfig(), seed=12345, **kw)
         eval_s += time.perf_counter() - t
         history.append({
             "step": step, "cells_seen": cells, "elapsed_s": round(time.perf_counter() - t0, 1),
@@ -179,7 +142,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
                 done = True
                 break
             part = rows[b]
-            counts, _ = counts_to_device(corpus.counts[part], device)
+            counts = counts_to_device(corpus.counts[part], device)
             totals = torch.from_numpy(corpus.total[part]).to(device, non_blocking=True)
             if flops_per_cell is None:
                 flops_per_cell = step_flops(model, counts, totals, cfg) / len(part)
@@ -190,7 +153,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
                                 depth_tokens=model.config.depth_tokens, totals=totals)
             with autocast(device):
                 pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
-                             zero_scores=torch.rand(tb.inputs.shape, device=device) if cfg.decoder_zeros else None)
+                             zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None)
             n_t = tb.target.sum().clamp(min=1)
             loss = masked_sse(pred, tb) / n_t
             opt.zero_grad(set_to_none=True)

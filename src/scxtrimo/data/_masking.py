@@ -20,7 +20,8 @@ class MaskingConfig:
 
     ``max_visible`` (keyed masking only; ``None`` by default, as in the paper) bounds the
     encoder's work on deep cells: when more expressed genes than that would stay visible, the
-    surplus also becomes [MASK] targets, so the encoder sees at most ``max_visible`` genes.
+    surplus (drawn among all visible genes, random-value ones included) also becomes [MASK]
+    targets, so the encoder sees at most ``max_visible`` genes.
     """
 
     nonzero_ratio: float = 0.3
@@ -242,6 +243,6 @@ def mask_values_keyed(values: torch.Tensor, config: MaskingConfig = MaskingConfi
         visible = (inputs != 0) & ~is_mask
         surplus = (visible.sum(1) - int(config.max_visible)).clamp(min=0)
         if bool((surplus > 0).any()):
-            extra = _choose_keyed(visible & ~target, surplus, scores)
+            extra = _choose_keyed(visible, surplus, scores)
             is_mask, target = is_mask | extra, target | extra
     return _finish(values, nonzero, target, is_mask, inputs)

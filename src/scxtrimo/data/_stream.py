@@ -1,8 +1,8 @@
 """Batch sources for pretraining: in-memory cells, or .h5ad files streamed from disk (issue 4).
 
 :class:`H5adCorpus` opens every file in backed mode and reads it in blocks of ``block_cells``
-rows; each block is aligned to the 19,264 reference genes and normalized to log1p CP10k on the
-fly (``scxtrimo.data._prepare.log1p_rows``) and quality-controlled (cells with more than
+rows; each block is aligned to the 19,264 reference genes as raw counts on the
+fly (``scxtrimo.data._prepare.counts_rows``; the training step normalizes) and quality-controlled (cells with more than
 200 expressed reference genes, paper appendix 1). :class:`StreamBatches` walks the blocks in a
 new shuffled order every epoch, shuffles the cells inside each block and cuts them into
 length-sorted ("sortish") batches, so host memory holds one block plus fewer than a batch of
@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._batching import sortish_batches
-from ._prepare import log1p_rows, prepare_input
+from ._prepare import counts_rows, prepare_input
 
 BLOCK_CELLS = 2048
 SPLIT = (0.96, 0.02, 0.02)
@@ -77,7 +77,7 @@ def split_labels(file_name: str, obs_names: Sequence[str], random_state: int = 0
 class CellBlock:
     """Cells read from a corpus, with their identities.
 
-    X : ``(n, 19264)`` float32 CSR, log1p CP10k on the reference genes.
+    X : ``(n, 19264)`` float32 CSR, raw counts on the reference genes (sorted indices).
     file : ``(n,)`` int64 index of the source file in the corpus.
     row : ``(n,)`` int64 row of the cell in its file.
     part : ``(n,)`` int8 split label (0 train, 1 validation, 2 test).
@@ -189,7 +189,8 @@ class H5adCorpus:
 
     def _read(self, f: int, start: int, stop: int, buffered: int = 0) -> CellBlock:
         self._hold(buffered + (stop - start))
-        X = log1p_rows(self._preps[f], start, stop)
+        X = counts_rows(self._preps[f], start, stop)
+        X.sort_indices()
         names = np.asarray(self._adatas[f].obs_names[start:stop])
         keep = np.flatnonzero(np.diff(X.indptr) >= self.min_genes)
         part = split_labels(self.paths[f].name, names[keep], self.random_state, self.fractions)
@@ -292,7 +293,7 @@ class MemoryBatches:
     Parameters
     ----------
     X
-        ``(n_cells, 19264)`` CSR log1p CP10k (the training cells).
+        ``(n_cells, 19264)`` CSR raw counts (the training cells).
     batch_size
         Cells per (global) batch.
     random_state

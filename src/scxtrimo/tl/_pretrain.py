@@ -25,9 +25,10 @@ from .._anndata import rna_modality
 from .._device import autocast
 from .._oom import retry_on_oom
 from .._version import __version__
-from ..data._objective import lr_factor  # noqa: F401  (re-exported; it lived here)
-from ..data._masking import MaskingConfig, cell_keys, keyed_uniform, mask_values, mask_values_keyed
-from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..data._depth import ThinningConfig
+from ..data._masking import MaskingConfig, cell_keys, keyed_uniform
+from ..data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
+from ..data._prepare import counts_rows, prepare_input
 from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
 from ..models._config import XTrimoGeneConfig
 from ..models._xtrimogene import XTrimoGene
@@ -45,17 +46,20 @@ def _as_list(data) -> list:
 
 
 def collect_cells(data, *, gene_symbols: str | None = None, min_genes: int = MIN_GENES) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """Stack every input's log1p CP10k cells (reference genes) that pass QC.
+    """Stack every input's cells that pass QC, as raw counts on the reference genes.
 
-    Returns the CSR float32 matrix and a table of ``source`` (input index or file name) and
-    ``obs_name`` per kept cell.
+    Returns the CSR float32 matrix (sorted indices) and a table of ``source`` (input index or
+    file name) and ``obs_name`` per kept cell. The training step normalizes (and thins).
     """
     blocks, rows = [], []
     for i, item in enumerate(_as_list(data)):
         label = str(item) if isinstance(item, (str, os.PathLike)) else f"input{i}"
         adata = ad.read_h5ad(item, backed="r") if isinstance(item, (str, os.PathLike)) else rna_modality(item)
         prep = prepare_input(adata, gene_symbols=gene_symbols)
-        for start, stop, X in iter_log1p_blocks(prep):
+        for start in range(0, adata.n_obs, prep.block_cells()):
+            stop = min(start + prep.block_cells(), adata.n_obs)
+            X = counts_rows(prep, start, stop)
+            X.sort_indices()
             keep = np.diff(X.indptr) >= min_genes
             blocks.append(X[keep])
             rows.append(pd.DataFrame({"source": label, "obs_name": np.asarray(adata.obs_names[start:stop])[keep]}))
@@ -78,31 +82,11 @@ def split_cells(n: int, random_state: int = 0, fractions: Sequence[float] = SPLI
     }
 
 
-def masked_loss(pred: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE between predicted and true values at the masked positions (section 4.1)."""
-    return torch.nn.functional.mse_loss(pred[target].float(), values[target].float())
-
-
-@torch.no_grad()
-def evaluate(model: XTrimoGene, X: sp.csr_matrix, *, batch_size: int, masking: MaskingConfig, device: torch.device, seed: int = 0, decoder_zeros: int | None = None) -> dict:
-    """Masked-position MSE and Pearson r on ``X`` with fixed (seeded) masks."""
-    if X.shape[0] == 0:
-        return {"mse": float("nan"), "pearson": float("nan"), "n_targets": 0}
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    preds, trues = [], []
-    for start in range(0, X.shape[0], batch_size):
-        values = torch.from_numpy(X[start : start + batch_size].toarray()).to(device)
-        mb = mask_values(values, masking, generator=gen)
-        with autocast(device):
-            pred = model(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=decoder_zeros, generator=gen)
-        preds.append(pred[mb.target].float().cpu())
-        trues.append(mb.values[mb.target].float().cpu())
-    model.train(was_training)
-    p, t = torch.cat(preds).numpy(), torch.cat(trues).numpy()
-    r = float(np.corrcoef(p, t)[0, 1]) if p.size > 1 and p.std() > 0 and t.std() > 0 else float("nan")
-    return {"mse": float(np.mean((p - t) ** 2)), "pearson": r, "n_targets": int(p.size)}
+def evaluate(model: XTrimoGene, X: sp.csr_matrix, *, batch_size: int, masking: MaskingConfig, device: torch.device,
+             seed: int = 0, decoder_zeros: int | None = None, thinning: ThinningConfig | None = None) -> dict:
+    """Masked-position MSE and Pearson r on the counts ``X`` with fixed (keyed) masks."""
+    return evaluate_masked(model, X, device=device, batch_size=batch_size, masking=masking, thinning=thinning,
+                           seed=seed, decoder_zeros=decoder_zeros)
 
 
 def _is_h5ad_path(item) -> bool:
@@ -170,6 +154,7 @@ def pretrain(
     block_cells: int = BLOCK_CELLS,
     callback: Callable[[dict], None] | None = None,
     decoder_zeros: int | None = None,
+    thinning: ThinningConfig | None = None,
 ) -> tuple[XTrimoGene, pd.DataFrame]:
     """Pretrain xTrimoGene by regressing masked expression values (paper section 4, appendix 5).
 
@@ -286,6 +271,15 @@ def pretrain(
         ``z``: the decoder runs over each cell's expressed, masked and target genes plus ``z``
         random unexpressed genes (drawn per cell from its masking key), several times cheaper
         per step (:meth:`~scxtrimo.models.XTrimoGene.forward`). The encoder is unaffected.
+    thinning
+        ``None`` (default, the paper): the model sees each training cell as it is. A
+        :class:`~scxtrimo.data.ThinningConfig`: depth-aware pretraining (the authors' released
+        model): cells are binomially thinned to a random fraction of their reads
+        (per-cell keyed, like the masks), the encoder sees the thinned cell and the loss is
+        the MSE against the real cell's values. Models whose configuration has
+        ``depth_tokens`` then get ``T`` = log10 of the real total and ``S`` = log10 of the
+        thinned total; without thinning ``T = S``. Validation and test scores use the real
+        cells (no thinning).
 
     Returns
     -------
@@ -326,7 +320,7 @@ def pretrain(
             eval_cells=eval_cells, min_genes=min_genes, gene_symbols=gene_symbols, random_state=random_state,
             save_dir=save_dir, progress=progress, grad_accum_steps=grad_accum_steps, strategy=strategy,
             activation_checkpointing=activation_checkpointing, save_every=save_every, block_cells=block_cells,
-            callback=callback, decoder_zeros=decoder_zeros,
+            callback=callback, decoder_zeros=decoder_zeros, thinning=thinning,
         )
         if ctx.owned and ctx.world_size > 1:
             torch.distributed.barrier()  # rank 0 has finished writing before anyone leaves
@@ -338,7 +332,7 @@ def pretrain(
 def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_steps, max_time, batch_size, lr,
            weight_decay, warmup_steps, grad_clip, masking, eval_every, eval_cells, min_genes, gene_symbols,
            random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing, save_every,
-           block_cells, callback, decoder_zeros=None):
+           block_cells, callback, decoder_zeros=None, thinning=None):
     torch.manual_seed(random_state)
     corpus = None
     if use_stream:
@@ -370,7 +364,7 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
             warmup_steps=warmup_steps, grad_clip=grad_clip, masking=masking, eval_every=eval_every,
             min_genes=min_genes, random_state=random_state, save_dir=save_dir, progress=progress,
             grad_accum_steps=grad_accum_steps, strategy=strategy, activation_checkpointing=activation_checkpointing,
-            save_every=save_every, callback=callback, decoder_zeros=decoder_zeros,
+            save_every=save_every, callback=callback, decoder_zeros=decoder_zeros, thinning=thinning,
         )
     finally:
         if corpus is not None:
@@ -380,7 +374,7 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
 def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx, dev, state, config, model, epochs,
           max_steps, max_time, batch_size, lr, weight_decay, warmup_steps, grad_clip, masking, eval_every,
           min_genes, random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing,
-          save_every, callback, decoder_zeros=None):
+          save_every, callback, decoder_zeros=None, thinning=None):
     if model is None:
         model = XTrimoGene(config)
     cfg = model.config
@@ -397,6 +391,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         "warmup_steps": int(warmup), "total_steps": int(total), "grad_clip": float(grad_clip),
         "masking": dict(masking.__dict__), "random_state": int(random_state), "min_genes": int(min_genes),
         "decoder_zeros": decoder_zeros, "max_time": None if max_time is None else float(max_time), "data": data_desc,
+        "thinning": None if thinning is None else dict(thinning.__dict__),
     }
     if state is not None:
         check_signature(state["signature"], signature)
@@ -432,6 +427,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             now = elapsed() if now is None else now
             return _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, now, dev, history, masking,
                              world_size=ctx.world_size, grad_accum_steps=grad_accum_steps, decoder_zeros=decoder_zeros,
+                             thinning=thinning,
                              strategy=("ddp" if strategy == "auto" else strategy) if ctx.world_size > 1 else "single") | (extra or {})
 
         def save(extra: dict | None = None):
@@ -488,7 +484,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                 lambda: _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
                                     random_state=random_state, grad_accum_steps=micro.count,
                                     strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
-                                    decoder_zeros=decoder_zeros),
+                                    decoder_zeros=decoder_zeros, thinning=thinning),
                 lambda: micro.double(X_batch.shape[0]), what="tl.pretrain")
             step += 1
             running.append(loss)
@@ -540,26 +536,28 @@ class _MicroBatches:
 
 
 def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking, random_state, grad_accum_steps,
-                 strategy, params, grad_clip, decoder_zeros=None) -> float:
-    """One optimizer step on this rank's shard of the global batch; returns the global masked MSE."""
+                 strategy, params, grad_clip, decoder_zeros=None, thinning=None) -> float:
+    """One optimizer step on this rank's shard of the global batch (counts); returns the global masked MSE."""
+    depth_tokens = getattr(wrapped, "module", wrapped).config.depth_tokens
     positions = np.arange(X_batch.shape[0])[ctx.rank :: ctx.world_size]
     micro = [m for m in np.array_split(positions, grad_accum_steps) if m.size]
     batches, scores = [], []
     for m in micro:
-        values = torch.from_numpy(X_batch[m].toarray()).to(dev, non_blocking=True)
+        counts = counts_to_device(X_batch[m], dev)
         keys = cell_keys(random_state, step, m, device=dev)
-        batches.append(mask_values_keyed(values, masking, keys=keys))
-        scores.append(keyed_uniform(keys, values.shape[1]) if decoder_zeros is not None else None)
-    n_local = sum(mb.target.sum() for mb in batches)
+        tb = training_batch(counts, keys, masking=masking, thinning=thinning, depth_tokens=depth_tokens)
+        batches.append(tb)
+        scores.append(keyed_uniform(keys, tb.inputs.shape[1]) if decoder_zeros is not None else None)
+    n_local = sum(tb.target.sum() for tb in batches)
     n_global = ctx.all_reduce_sum(torch.as_tensor(n_local, dtype=torch.float64, device=dev).clone())
     scale = (ctx.world_size / n_global.clamp(min=1)).float()
     opt.zero_grad(set_to_none=True)
     sse_total = torch.zeros((), dtype=torch.float64, device=dev)
-    for i, mb in enumerate(batches):
+    for i, tb in enumerate(batches):
         with D.grad_sync(wrapped, strategy, ctx, sync=i == len(batches) - 1):
             with autocast(dev):
-                pred = wrapped(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=decoder_zeros, zero_scores=scores[i])
-            sse = (pred[mb.target].float() - mb.values[mb.target].float()).pow(2).sum()
+                pred = wrapped(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=decoder_zeros, zero_scores=scores[i])
+            sse = masked_sse(pred, tb)
             (sse * scale).backward()
         sse_total += sse.detach().double()
     torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
@@ -568,7 +566,7 @@ def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking
 
 
 def _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, wall_time_s, dev, history, masking, *,
-              world_size=1, grad_accum_steps=1, strategy="single", decoder_zeros=None) -> dict:
+              world_size=1, grad_accum_steps=1, strategy="single", decoder_zeros=None, thinning=None) -> dict:
     last = history[-1] if history else {}
     return {
         "cells": int(n_cells),
@@ -584,6 +582,7 @@ def _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, wall_time_s, dev,
         "strategy": strategy,
         "masking": dict(masking.__dict__),
         "decoder_zeros": decoder_zeros,
+        "thinning": None if thinning is None else dict(thinning.__dict__),
         "val_mse": last.get("val_mse"),
         "val_pearson": last.get("val_pearson"),
     }

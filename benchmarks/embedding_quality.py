@@ -1,0 +1,252 @@
+"""Embedding-quality benchmark (issue: a pretrained model whose embeddings beat PCA), run by hand.
+
+The paper's clustering protocol (appendix 4, ``scxtrimo.tl.evaluate_clustering``: kNN graph,
+Leiden with the resolution bisected to the number of labelled types, ARI / NMI / homogeneity /
+completeness / silhouette) on every labelled shared data set, for several Leiden seeds:
+
+* pbmc3k (8 types);
+* Zheng 2017 FACS-sorted PBMC, fastTopics subsample (10 types) and MUDAN subsample (9 types;
+  the 127 cells it shares with the fastTopics set are dropped from it);
+* cellbench lung cell lines (5 lines, doublets dropped; 5 protocols: batch mixing is scored
+  too, as the batch silhouette within cell types and the batch entropy of kNN neighbourhoods);
+* crc_scmetalink (15 colorectal tumour and normal types; a 4,210-gene metabolic panel).
+
+Rows: every candidate checkpoint with each pooling (``max``, ``mean``, and for models with
+depth tokens ``all``, each with the target depth T = 4 and T = S), the same architecture with
+random weights, scanpy's PCA workflow (2,000 HVGs, 50 PCs: ``tl._clustering.pca_baseline``),
+and scVI (scvi-tools, defaults: 2,000 ``seurat_v3`` HVGs on counts, 10 latent dimensions,
+trained per data set and seed; installed by the ``benchmark`` extra).
+
+    python benchmarks/embedding_quality.py --models xtrimo-3m runs/abl_depth runs/abl_plain \\
+        --seeds 0 1 2 --out docs/benchmarks/embedding_quality.csv
+
+Embeddings are cached under ``--cache`` (default runs/embq_cache), keyed by checkpoint sha256,
+so reruns only recompute what changed. Prints a summary table (mean over seeds) in Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from sklearn import metrics
+from sklearn.neighbors import NearestNeighbors
+
+import scxtrimo
+from scxtrimo._inference import batch_cells, map_cells, token_budget
+from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
+from scxtrimo.tl._clustering import pca_baseline
+
+SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# Zheng sorted runs: fastTopics suffix -> MUDAN prefix (the same 10x run)
+_ZHENG_RUNS = {"b_cells": "bcells", "cd14_monocytes": "monocytes", "cd4_t_helper": "thelper", "cd56_nk": "nk",
+               "cytotoxic_t": "cytotoxict", "memory_t": "memoryt", "naive_cytotoxic": "naivecytotoxic",
+               "naive_t": "naivet", "regulatory_t": "regulatoryt"}
+
+
+def _read(name: str) -> ad.AnnData:
+    return ad.read_h5ad(SHARED / name / f"{name}.h5ad")
+
+
+def _zheng_key_fasttopics(n: str) -> str:
+    bc, run = re.match(r"([ACGT]{14}-1)-(.+)", n).groups()
+    return f"{_ZHENG_RUNS.get(run, run)}|{bc}"
+
+
+def _zheng_key_mudan(n: str) -> str:
+    run, bc = re.match(r"(.*?)([ACGT]{14}-1)$", n).groups()
+    return f"{run}|{bc}"
+
+
+def datasets() -> dict[str, tuple[ad.AnnData, str | None]]:
+    """name -> (AnnData of raw counts with obs['cell_type'], batch column or None)."""
+    out = {}
+    out["pbmc3k"] = (scxtrimo.datasets.pbmc3k(), None)
+    ft = _read("zheng2017_sorted_pbmc_fasttopics")
+    out["zheng_fasttopics"] = (ft, None)
+    mu = _read("zheng2017_sorted_pbmc_mudan")
+    shared = {_zheng_key_fasttopics(n) for n in ft.obs_names}
+    keep = np.array([_zheng_key_mudan(n) not in shared for n in mu.obs_names])
+    print(f"zheng_mudan: dropping {int((~keep).sum())} cells shared with zheng_fasttopics")
+    out["zheng_mudan"] = (mu[keep].copy(), None)
+    cb = _read("cellbench_lung_celllines")
+    out["cellbench"] = (cb[cb.obs["cell_type"] != "doublet"].copy(), "batch")
+    out["crc"] = (_read("crc_scmetalink_2850"), None)
+    for name, (a, _) in out.items():
+        a.obs["cell_type"] = a.obs["cell_type"].astype(str).astype("category")
+        nz = np.asarray((a.X > 0).sum(1)).ravel()
+        if (nz == 0).any():
+            out[name] = (a[nz > 0].copy(), out[name][1])
+    return out
+
+
+def _pools(model, batch, *, depth: bool) -> torch.Tensor:
+    """max, mean (every token) and, with depth tokens, 'all' from one encoder pass."""
+    h = model.encode(batch)
+    valid = batch.valid.unsqueeze(-1)
+    mx = h.masked_fill(~valid, float("-inf")).amax(1)
+    mean = (h * valid).sum(1) / valid.sum(1).clamp(min=1)
+    if not depth:
+        return torch.cat([mx, mean], 1)
+    n = model.config.n_genes
+    gene = (batch.valid & (batch.genes < n)).unsqueeze(-1)
+    at = lambda i: (h * (batch.valid & (batch.genes == n + i)).unsqueeze(-1)).sum(1)  # noqa: E731
+    gmax = h.masked_fill(~gene, float("-inf")).amax(1)
+    gmean = (h * gene).sum(1) / gene.sum(1).clamp(min=1)
+    return torch.cat([mx, mean, at(1), at(0), gmax, gmean], 1)
+
+
+def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
+    """{variant name: (n_obs, width)} for every pooling (and target depth) of ``model``."""
+    depths = [None] if not model.config.depth_tokens else [(4.0, "fixed"), (0.0, "offset")]
+    prep = prepare_input(adata)
+    out = {}
+    d = model.config.enc_dim
+    for depth in depths:
+        X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep, depth=depth)], format="csr")
+        with np.errstate(divide="ignore"):
+            width = 2 * d if depth is None else 6 * d
+        emb = map_cells(partial(_pools, model, depth=depth is not None), X, np.arange(X.shape[0]), device,
+                        width=width, max_cells=batch_cells(device), max_tokens=token_budget(device))
+        tag = "" if depth is None else ("/T=4" if depth[1] == "fixed" else "/T=S")
+        out[f"max{tag}"] = emb[:, :d]
+        out[f"mean{tag}"] = emb[:, d : 2 * d]
+        if depth is not None:
+            out[f"all{tag}"] = emb[:, 2 * d :]
+    return out
+
+
+def batch_mixing(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray, k: int = 30) -> dict:
+    """Batch silhouette within cell types (1 - |s|, scib's batch ASW) and kNN batch entropy (0-1)."""
+    asw = []
+    for c in np.unique(labels):
+        sel = labels == c
+        if len(np.unique(batch[sel])) > 1 and sel.sum() > 2:
+            s = metrics.silhouette_samples(emb[sel], batch[sel])
+            asw.append(np.mean(1 - np.abs(s)))
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb, return_distance=False)[:, 1:]
+    cats, codes = np.unique(batch, return_inverse=True)
+    ent = []
+    for row in codes[idx]:
+        p = np.bincount(row, minlength=len(cats)) / k
+        p = p[p > 0]
+        ent.append(-(p * np.log(p)).sum() / np.log(len(cats)))
+    return {"batch_asw": float(np.mean(asw)) if asw else float("nan"), "batch_entropy": float(np.mean(ent))}
+
+
+def scvi_latent(adata, seed: int) -> np.ndarray:
+    import scanpy as sc
+    import scvi
+
+    scvi.settings.seed = seed
+    a = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.filter_genes(a, min_cells=3)  # seurat_v3's loess fails on (nearly) all-zero genes
+        sc.pp.highly_variable_genes(a, n_top_genes=min(2000, a.n_vars), flavor="seurat_v3", subset=True)
+        scvi.model.SCVI.setup_anndata(a)
+        m = scvi.model.SCVI(a)
+        m.train(enable_progress_bar=False)
+    return m.get_latent_representation()
+
+
+def score(adata, rep: np.ndarray, seed: int, batch_key: str | None) -> dict:
+    a = ad.AnnData(obs=adata.obs[["cell_type"] + ([batch_key] if batch_key else [])].copy())
+    a.obsm["E"] = np.asarray(rep, dtype=np.float32)
+    s = scxtrimo.tl.evaluate_clustering(a, labels_key="cell_type", use_rep="E", random_state=seed)
+    s = {k: s[k] for k in ("ari", "nmi", "homogeneity", "completeness", "silhouette")}
+    if batch_key:
+        s |= batch_mixing(a.obsm["E"], a.obs[batch_key].astype(str).to_numpy(), a.obs["cell_type"].astype(str).to_numpy())
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["xtrimo-3m"], help="checkpoint names or folders")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--sets", nargs="*", default=None, help="subset of data sets (default: all)")
+    ap.add_argument("--baselines", nargs="*", default=["random", "pca", "scvi"])
+    ap.add_argument("--max-cells", type=int, default=None, help="first N cells of each set (smoke runs)")
+    ap.add_argument("--out", default="docs/benchmarks/embedding_quality.csv")
+    ap.add_argument("--cache", default="runs/embq_cache")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    sets = datasets()
+    if args.sets:
+        sets = {k: v for k, v in sets.items() if k in args.sets}
+    rows = []
+    out = Path(args.out)
+
+    def emit(**row):
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(out, index=False)
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    models = []
+    for m in args.models:
+        net = scxtrimo.models.load(m)
+        models.append((Path(m).name if Path(m).is_dir() else m, net))
+    if "random" in args.baselines and models:
+        torch.manual_seed(0)
+        rnd = scxtrimo.models.XTrimoGene(models[0][1].config).eval()
+        rnd.checkpoint_sha256 = f"random-{models[0][1].config.name}-{models[0][1].config.depth_tokens}"
+        models.append(("random weights", rnd))
+
+    for set_name, (adata, batch_key) in sets.items():
+        if args.max_cells:
+            adata = adata[: args.max_cells].copy()
+        n = adata.n_obs
+        reps: dict[str, np.ndarray] = {}
+        for label, net in models:
+            key = cache / f"{set_name}_{n}_{(net.checkpoint_sha256 or label)[:16]}.npz"
+            if key.exists():
+                variants = dict(np.load(key))
+            else:
+                t = time.perf_counter()
+                variants = embed_variants(net, adata, dev)
+                np.savez(key, **variants)
+                print(f"{set_name}: embedded with {label} in {time.perf_counter() - t:.0f} s", flush=True)
+            for v, e in variants.items():
+                reps[f"{label} [{v}]"] = e
+        if "pca" in args.baselines:
+            reps["PCA (2,000 HVGs, 50 PCs)"] = pca_baseline(adata).obsm["X_pca"]
+        for rep_name, e in reps.items():
+            for seed in args.seeds:
+                emit(dataset=set_name, method=rep_name, seed=seed, cells=n, **score(adata, e, seed, batch_key))
+        if "scvi" in args.baselines:
+            for seed in args.seeds:
+                key = cache / f"{set_name}_{n}_scvi_{seed}.npy"
+                if key.exists():
+                    z = np.load(key)
+                else:
+                    t = time.perf_counter()
+                    z = scvi_latent(adata, seed)
+                    np.save(key, z)
+                    print(f"{set_name}: scVI seed {seed} trained in {time.perf_counter() - t:.0f} s", flush=True)
+                emit(dataset=set_name, method="scVI (defaults)", seed=seed, cells=n, **score(adata, z, seed, batch_key))
+
+    df = pd.DataFrame(rows)
+    summary = df.groupby(["method", "dataset"], sort=False)["ari"].mean().unstack("dataset")
+    summary["mean"] = summary.mean(1)
+    print("\nARI, mean over seeds:\n")
+    print(summary.round(3).to_markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The packed corpus (scxtrimo corpus / data._corpus) and the device training script, on real cells."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scxtrimo
+from scxtrimo.data import load_corpus, pack_corpus
+from scxtrimo.data._corpus import _delta_decode, _delta_encode
+from scxtrimo.data._prepare import counts_rows, depth_rows, prepare_input
+
+from conftest import REPO, read_shared, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, pbmc3k_session):
+    """pbmc3k (300 cells, one below QC) + 40 deep cellbench cells packed into one corpus."""
+    folder = tmp_path_factory.mktemp("corpus")
+    a = pbmc3k_session[:300].copy()
+    cb = read_shared("cellbench_lung_celllines")[:40].copy()
+    paths = [folder / "pbmc3k.h5ad", folder / "cellbench.h5ad"]
+    a.write_h5ad(paths[0])
+    cb.write_h5ad(paths[1])
+    info = pack_corpus(paths, folder / "c.xtc", progress=False)
+    return folder, paths, info, (a, cb)
+
+
+def test_delta_coding_round_trips():
+    X = sp.random(50, 19264, density=0.05, format="csr", random_state=0)
+    X[3] = 0
+    X.eliminate_zeros()
+    X.sort_indices()
+    np.testing.assert_array_equal(_delta_decode(X.indptr, _delta_encode(X)), X.indices)
+
+
+def test_packing_round_trips_counts_totals_labels(packed):
+    folder, paths, info, (a, cb) = packed
+    c = load_corpus(folder / "c.xtc")
+    assert c.sources == ["pbmc3k", "cellbench"] and info["cells"] == len(c) and info["n_clipped"] == 0
+    for i, adata in enumerate((a, cb)):
+        C = counts_rows(prepare_input(adata), 0, adata.n_obs)
+        keep = np.diff(C.indptr) >= 201
+        rows = c.rows(source=c.sources[i])
+        assert len(rows) == keep.sum()
+        mine = c.counts[rows]
+        mine.sort_indices()
+        ref = sp.csr_matrix(C[keep], dtype=np.float32)
+        ref.sort_indices()
+        assert (mine != ref).nnz == 0  # exact integers on the reference genes
+        np.testing.assert_array_equal(c.total[rows], np.asarray(ref.sum(1)).ravel())
+        names = [c.label_names[k] for k in c.label[rows]]
+        assert names == list(adata.obs["cell_type"].astype(str)[keep])
+        assert list(c.obs_names[rows]) == list(adata.obs_names[keep])
+    assert len(c) == sum(len(c.rows(source=s)) for s in c.sources)
+    assert set(np.unique(c.split)) <= {0, 1, 2} and (c.split == 0).mean() > 0.85
+    again = pack_corpus(paths, folder / "c2.xtc", progress=False)
+    assert np.array_equal(load_corpus(folder / "c2.xtc").split, c.split) and again["bytes"] == info["bytes"]
+
+
+def test_model_input_matches_the_anndata_path(packed):
+    folder, _, _, (a, _) = packed
+    c = load_corpus(folder / "c.xtc")
+    rows = c.rows(source="pbmc3k")[:20]
+    prep = prepare_input(a)
+    ref = depth_rows(prep, 0, 20, (4.0, "fixed"))
+    got = c.model_input(rows, depth=(4.0, "fixed"))
+    np.testing.assert_allclose(got.toarray(), ref.toarray(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_file_that_is_not_a_corpus_is_refused(tmp_path):
+    bad = tmp_path / "x.xtc"
+    bad.write_bytes(b"not lzma")
+    with pytest.raises(ValueError, match="not an scxtrimo corpus"):
+        load_corpus(bad)
+
+
+def test_cli_packs_with_exclusions(packed, tmp_path):
+    _, paths, _, _ = packed
+    from scxtrimo.cli import main
+
+    assert main(["corpus", str(tmp_path / "o.xtc"), *map(str, paths), "--exclude", "cellbench", "--quiet"]) == 0
+    assert load_corpus(tmp_path / "o.xtc").sources == ["pbmc3k"]
+
+
+def test_device_script_trains_writes_outputs_and_merges(packed, tmp_path):
+    """CPU smoke run of scripts/train_device.py: the same code path as a GPU run, a few steps."""
+    folder = packed[0]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_device.py"), "train", "--corpus", str(folder / "c.xtc"),
+           "--out", str(out), "--config", "xtrimo-3m", "--depth-tokens", "--max-steps", "3", "--batch-size", "4",
+           "--decoder-zeros", "256", "--max-visible", "256", "--eval-cells", "8", "--score-cells", "40",
+           "--device", "cpu", "--minutes", "5"]
+    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True, timeout=600)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model-1.safetensors", "history.csv", "result.json", "log.txt"} <= files
+    assert all(p.stat().st_size <= 15 * 2**20 for p in out.iterdir())
+    result = json.loads((out / "result.json").read_text())
+    tp = result["throughput"]
+    assert tp["steps"] == 3 and tp["cells_seen"] == 12 and tp["cells_per_s"] > 0 and tp["flops_per_cell"] > 1e8
+    assert set(result["pbmc3k"]) == {f"{p}/T={t}" for p in ("max", "mean", "all") for t in ("4", "S")}
+    assert all(-1 <= v["kmeans_ari"] <= 1 for v in result["pbmc3k"].values())
+    assert np.isfinite(result["final"]["val_mse"]) and result["metadata"]["cells_seen"] == 12
+    # merge into a checkpoint folder that scxtrimo loads strictly and embeds with
+    ckpt = tmp_path / "ckpt"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "train_device.py"), "merge", str(out), str(ckpt)],
+                   check=True, env=subprocess_env(), capture_output=True, timeout=300)
+    model = scxtrimo.models.load(ckpt)
+    assert model.config.depth_tokens and model.metadata["cells_seen"] == 12
+    adata = packed[3][0][:30].copy()
+    scxtrimo.tl.embed(adata, model=model, pooling="all", progress=False)
+    assert adata.obsm["X_xtrimo"].shape == (30, 4 * 128)
+    assert adata.uns["xtrimo"]["params"]["target_depth"] == 4.0
+
+
+def test_sharded_weights_round_trip(tmp_path, monkeypatch, tiny_config):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_device
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    monkeypatch.setattr(train_device, "SHARD_BYTES", 2**20 + 2**16 + 1)  # forces a row split of the gene embedding
+    torch.manual_seed(0)
+    model = scxtrimo.models.XTrimoGene(tiny_config)
+    paths = train_device.save_sharded(model, tmp_path, metadata={"cells_seen": 5})
+    assert len(paths) >= 3 and all(p.stat().st_size <= 2**20 + 2**17 for p in paths)
+    back = train_device.load_sharded(tmp_path)
+    for k, v in scxtrimo.models._io.canonical_state(model).items():
+        ref = v.half().float() if v.is_floating_point() else v
+        torch.testing.assert_close(back.state_dict()[k], ref, rtol=0, atol=0)
+    assert back.metadata == {"cells_seen": 5}
