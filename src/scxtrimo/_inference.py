@@ -6,7 +6,6 @@ predictions and the training scripts' evaluations. It needs torch, NumPy and Sci
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import partial
 

@@ -1,4 +1,5 @@
-"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo``, ``scxtrimo pretrain`` and ``scxtrimo corpus``.
+"""Command line: ``scxtrimo embed IN.h5ad OUT.h5ad``, ``scxtrimo demo``, ``scxtrimo pretrain``, ``scxtrimo corpus``
+and ``scxtrimo convert models.ckpt OUT_DIR`` (the authors' released weights into a checkpoint folder).
 
 ``scxtrimo embed`` and ``scxtrimo pretrain`` work alone and under ``torchrun --nproc_per_node=N -m scxtrimo.cli
 embed|pretrain ...`` (sharded embedding, see :func:`scxtrimo.tl.embed`; data-parallel training, see
@@ -23,7 +24,7 @@ def _embed(args) -> int:
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
              key_added=args.key_added, gene_symbols=args.gene_symbols, target_depth=args.target_depth,
-             target_depth_mode=args.target_depth_mode)
+             target_depth_mode=args.target_depth_mode, bulk=args.bulk)
     dt = time.perf_counter() - t
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
         return 0
@@ -182,6 +183,22 @@ def _corpus(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    import torch
+
+    from .models import load
+
+    t = time.perf_counter()
+    model = load(args.checkpoint, part=args.part)
+    folder = model.save(args.output, dtype=torch.float16 if args.float16 else torch.float32, metadata=model.metadata)
+    print(f"converted sub-model {args.part!r} of {args.checkpoint} (sha256 {model.checkpoint_sha256[:12]}..., "
+          f"{model.n_parameters():,} parameters) into {folder} in {time.perf_counter() - t:.1f} s. "
+          f"Load it with scxtrimo.models.load({str(folder)!r}).")
+    print("The weights are under the scFoundation License (non-commercial research use only): do not "
+          "redistribute the converted folder.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -200,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", default="max", choices=["max", "mean", "all"])
     e.add_argument("--target-depth", type=float, default=4.0, help="depth-token models: the target depth T (default 4)")
     e.add_argument("--target-depth-mode", default="fixed", choices=["fixed", "scale", "offset"])
+    e.add_argument("--bulk", default=None, choices=["counts", "normalized"],
+                   help="bulk RNA-seq samples with the authors' conventions (see scxtrimo.tl.embed)")
     e.add_argument("--key-added", default="X_xtrimo")
     e.add_argument("--gene-symbols", default=None, help="var column with gene symbols if var_names are not symbols")
     e.set_defaults(func=_embed)
@@ -259,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seeds the 96:2:2 split")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_corpus)
+
+    v = sub.add_parser("convert", help="convert the authors' scFoundation models.ckpt into an scxtrimo checkpoint folder",
+                       description="Read one sub-model of the authors' released xTrimoGene-100M file (models.ckpt, "
+                                   "restricted unpickling, every tensor checked) and write it as an scxtrimo checkpoint "
+                                   "folder (config.json, model.safetensors, genes.txt), so the pickle is read once.")
+    v.add_argument("checkpoint", help="the authors' models.ckpt")
+    v.add_argument("output", help="the folder to write")
+    v.add_argument("--part", default="cell", choices=["cell", "rde", "gene"],
+                   help="cell (cell embeddings, default), rde (read-depth enhancement) or gene (gene-context embeddings)")
+    v.add_argument("--float16", action="store_true", help="store the weights as float16 (half the size)")
+    v.set_defaults(func=_convert)
     return p
 
 

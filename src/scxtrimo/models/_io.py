@@ -2,7 +2,8 @@
 
 ``genes.txt`` is the ordered gene list the gene embedding was trained on; loading refuses a
 checkpoint whose list differs from the package's reference list, or whose tensors do not match
-the configuration exactly (strict loading).
+the configuration exactly (strict loading). :func:`load` also reads the authors' released
+scFoundation file (``models.ckpt``, see :mod:`scxtrimo.models._scfoundation`).
 """
 
 from __future__ import annotations
@@ -93,31 +94,69 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str, str | None]:
     )
 
 
-def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, device: str | torch.device = "cpu") -> XTrimoGene:
-    """Load a pretrained xTrimoGene model by name or from a checkpoint folder.
+def load_state_strict(model: XTrimoGene, state: dict, *, name: str) -> None:
+    """Load ``state`` into ``model``; raise ``ValueError`` naming any missing, unexpected or
+    mis-shaped tensor (performer-pytorch's aliases of the decoder layers are not stored)."""
+    own = canonical_state(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"Checkpoint {name!r} does not fit its configuration: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}."
+        )
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or any(_ALIAS not in k for k in result.missing_keys):
+        raise ValueError(f"Checkpoint {name!r} does not fit its configuration: {result}.")
+
+
+def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = None,
+         device: str | torch.device = "cpu") -> XTrimoGene:
+    """Load a pretrained xTrimoGene model by name, from a checkpoint folder or from the authors' file.
 
     Parameters
     ----------
     name_or_path
         ``"xtrimo-3m"`` (bundled with the package, no download), the name of a registered
         downloadable checkpoint (fetched once with pooch into ``$SCXTRIMO_CACHE`` or the user
-        cache, every file checked against its sha256, then reused offline), or a folder
-        written by :meth:`XTrimoGene.save`.
+        cache, every file checked against its sha256, then reused offline), a folder
+        written by :meth:`XTrimoGene.save` (or by ``scxtrimo convert``), or the file
+        ``models.ckpt`` of the authors' scFoundation release (xTrimoGene-100M; downloaded by
+        the user, see the documentation page "Use the authors' 100M model").
+    part
+        The authors' file only: which of its sub-models to load: ``"cell"`` (default; cell
+        embeddings), ``"rde"`` (cell embeddings of the read-depth-enhancement model) or
+        ``"gene"`` (gene-context embeddings and expression, :func:`scxtrimo.tl.gene_embed`).
     device
         Where to put the model. Weights are loaded as float32 whatever they were stored as.
 
     Returns
     -------
     XTrimoGene
-        In eval mode, with ``checkpoint_name`` and ``checkpoint_sha256`` set.
+        In eval mode, with ``checkpoint_name`` and ``checkpoint_sha256`` set (for the authors'
+        file: ``'models.ckpt:<part>'`` and the file's sha256, which :func:`scxtrimo.tl.embed`
+        records in ``uns['xtrimo']['params']``).
 
     Raises
     ------
     ValueError
         Unknown name; missing files; a ``model.safetensors`` whose sha256 differs from the
         registry's; a gene list that differs from the 19,264-gene reference; tensors missing,
-        unexpected or of the wrong shape for the configuration.
+        unexpected or of the wrong shape for the configuration; ``part`` given for something
+        other than the authors' file. For the authors' file: a file that needs PyTorch's
+        unrestricted unpickler (refused: it can run code), a missing sub-model or config entry,
+        or any tensor missing, unexpected or of a shape other than the config implies
+        (the message names them).
+    FileNotFoundError
+        The authors' file does not exist.
     """
+    if Path(name_or_path).is_file():
+        from ._scfoundation import load_scfoundation
+
+        return load_scfoundation(name_or_path, part=part or "cell", device=device)
+    if part is not None:
+        raise ValueError(f"part={part!r} selects a sub-model of the authors' scFoundation file, but "
+                         f"{str(name_or_path)!r} is not a file.")
     folder, name, expected = resolve(name_or_path)
     for f in (CONFIG_FILE, WEIGHTS_FILE, GENES_FILE):
         if not (folder / f).is_file():
@@ -141,18 +180,8 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, device: str | torch.d
     metadata = raw.pop("metadata", {})
     model = XTrimoGene(XTrimoGeneConfig.from_dict(raw))
     state = load_file(str(folder / WEIGHTS_FILE))
-    own = canonical_state(model)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"Checkpoint {name!r} does not fit its configuration: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}."
-        )
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or any(_ALIAS not in k for k in result.missing_keys):
-        raise ValueError(f"Checkpoint {name!r} does not fit its configuration: {result}.")
+    load_state_strict(model, state, name=name)
     model.checkpoint_name = name
     model.checkpoint_sha256 = digest
     model.metadata = metadata

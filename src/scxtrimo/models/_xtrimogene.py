@@ -129,12 +129,64 @@ class XTrimoGene(nn.Module):
         gmean = (h * gene).sum(1) / gene.sum(1).clamp(min=1)
         return torch.cat([pick(at_s), pick(at_t), gmax, gmean], dim=-1)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, enc_dim)`` decoder input -> ``(B, N)`` predicted values."""
+    def _decoder_states(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, enc_dim)`` decoder input -> ``(B, N, dec_dim)`` outputs before the ``d -> 1`` head."""
         h = self.decoder(self.decoder_proj(x))
         if self.out_norm is not None:
             h = self.out_norm(h)
-        return self.head(h).squeeze(-1)
+        return h
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, enc_dim)`` decoder input -> ``(B, N)`` predicted values."""
+        return self.head(self._decoder_states(x)).squeeze(-1)
+
+    def _check_inputs(self, inputs: torch.Tensor) -> None:
+        n_pos, n = self.config.n_positions, self.config.n_genes
+        if inputs.shape[1] != n_pos:
+            raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
+
+    def _decoder_input(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-length decoder input ``(B, n_positions, enc_dim)`` and the encoder tokens ``(B, n_positions)``.
+
+        Encoder outputs at the visible non-zero positions, the [MASK] vector at masked ones,
+        the value embedding of 0 elsewhere; plus the gene embedding at every position.
+        """
+        visible = (inputs != 0) & ~is_mask
+        tokens, (rows, cols, pos) = select_tokens(visible, inputs)
+        h = self.encode(tokens)
+        zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
+        dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
+        dec_in = dec_in.index_put((rows, cols), h[rows, pos])
+        return dec_in + self.gene_embedding.weight[: inputs.shape[1]].to(h.dtype), visible
+
+    def gene_context(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gene-context embeddings and predicted expression of unmasked cells (nothing is masked).
+
+        The encoder runs over each cell's non-zero values (depth tokens T and S included when
+        positive); the decoder over all positions, its input being the encoder outputs at
+        those and the value embedding of 0 elsewhere, plus the gene embedding
+        (``../specs/scfoundation-checkpoint.md`` section 6; paper section 3.2, 5.4.2). Every
+        cell's outputs depend on that cell only (the Performer's key maximum is taken per cell,
+        or per cell and head).
+
+        Parameters
+        ----------
+        inputs
+            ``(B, n_positions)`` float log1p CP10k values; with depth tokens the last two
+            columns are T and S (non-positive: no token).
+
+        Returns
+        -------
+        states
+            ``(B, n_genes, dec_dim)``: the decoder's output at each gene after its final
+            LayerNorm(s), before the ``d -> 1`` head (depth positions dropped).
+        prediction
+            ``(B, n_genes)``: the head's output, on the log1p CP10k scale.
+        """
+        self._check_inputs(inputs)
+        dec_in, _ = self._decoder_input(inputs, torch.zeros_like(inputs, dtype=torch.bool))
+        h = self._decoder_states(dec_in)[:, : self.config.n_genes]
+        return h, self.head(h).squeeze(-1)
 
     # ---- full model ---------------------------------------------------------------------
     def forward(
@@ -176,16 +228,9 @@ class XTrimoGene(nn.Module):
         -------
         ``(B, n_genes)`` float predictions (depth positions are not predicted).
         """
-        n_pos, n = self.config.n_positions, self.config.n_genes
-        if inputs.shape[1] != n_pos:
-            raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
-        visible = (inputs != 0) & ~is_mask
-        tokens, (rows, cols, pos) = select_tokens(visible, inputs)
-        h = self.encode(tokens)
-        zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
-        dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
-        dec_in = dec_in.index_put((rows, cols), h[rows, pos])
-        dec_in = dec_in + self.gene_embedding.weight[:n_pos].to(h.dtype)
+        self._check_inputs(inputs)
+        n = self.config.n_genes
+        dec_in, visible = self._decoder_input(inputs, is_mask)
         if decoder_zeros is None:
             return self._decode(dec_in)[:, :n]
         must = visible | is_mask

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from .._anndata import UNS_KEY, rna_modality
 from .._validation import check_finite_nonnegative, is_integer_valued
 
-__all__ = ["normalize", "to_counts", "log1p_normalize", "is_xtrimo_normalized"]
+__all__ = ["normalize", "to_counts", "log1p_normalize", "median_total", "is_xtrimo_normalized"]
 
 INPUT_KINDS = ("counts", "log1p", "normalized")
 
@@ -285,6 +285,25 @@ def log1p_normalize(counts, target_sum: float = 1e4) -> sp.csr_matrix:
     return _with_data(C, data)
 
 
+def median_total(totals) -> float:
+    """The median of the positive per-cell (per-sample) totals, as float64.
+
+    The target of scanpy's ``normalize_total(target_sum=None)``, which the authors' pipeline
+    applies to raw bulk RNA-seq before ``log1p`` (``../specs/scfoundation-checkpoint.md``
+    section 4 item 6; paper section 5.4.3).
+
+    Raises
+    ------
+    ValueError
+        No total is positive.
+    """
+    totals = np.asarray(totals, dtype=np.float64).ravel()
+    positive = totals[totals > 0]
+    if positive.size == 0:
+        raise ValueError("Every sample has a total of 0: there is no expression to normalize to the median total.")
+    return float(np.median(positive))
+
+
 def is_xtrimo_normalized(adata) -> bool:
     """True if :func:`normalize` has run on ``adata`` (or its RNA modality).
 
@@ -302,7 +321,7 @@ def is_xtrimo_normalized(adata) -> bool:
 def normalize(
     adata,
     *,
-    target_sum: float = 1e4,
+    target_sum: float | None = 1e4,
     layer: str | None = None,
     copy: bool = False,
 ):
@@ -323,6 +342,9 @@ def normalize(
         values or log1p-transformed values; non-negative and finite.
     target_sum
         Counts per cell after scaling; 1e4 gives log1p CP10k, the model's input scale.
+        ``None``: the median of the cells' totals (scanpy's ``normalize_total`` convention),
+        the authors' normalization of raw bulk RNA-seq (paper section 5.4.3; see also
+        ``bulk=`` of :func:`scxtrimo.tl.embed`, which applies it on the fly).
     layer
         Read the input from ``adata.layers[layer]`` instead of ``X``.
     copy
@@ -338,9 +360,10 @@ def normalize(
         - ``layers['counts']``: the counts the values were computed from (the input itself for
           raw counts, estimated counts otherwise), CSR ``float32``.
         - ``obs['xtrimo_n_genes']``: expressed (non-zero) genes per cell.
-        - ``uns['xtrimo']['normalize']``: ``target_sum``, ``input_kind`` (``'counts'``,
-          ``'log1p'`` or ``'normalized'``) and ``n_low_quality_cells`` (cells with at most 200
-          expressed genes).
+        - ``uns['xtrimo']['normalize']``: ``target_sum`` (the number used), ``input_kind``
+          (``'counts'``, ``'log1p'`` or ``'normalized'``) and ``n_low_quality_cells`` (cells
+          with at most 200 expressed genes); with ``target_sum=None`` also
+          ``target_sum_rule='median'``.
 
     Raises
     ------
@@ -372,8 +395,8 @@ def normalize(
             "normalize writes X and layers, so it needs the data in memory: load it with "
             "`adata = adata.to_memory()`."
         )
-    if not np.isfinite(target_sum) or target_sum <= 0:
-        raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
+    if target_sum is not None and (not np.isfinite(target_sum) or target_sum <= 0):
+        raise ValueError(f"target_sum must be a positive number (or None: the median total), got {target_sum!r}.")
 
     entry = data.uns.get(UNS_KEY)
     if layer is None and isinstance(entry, dict) and "normalize" in entry and "counts" in data.layers:
@@ -396,7 +419,8 @@ def normalize(
             f"{what} is all zero: there is no expression to normalize. Check that the right "
             "matrix or layer was passed."
         )
-    X_norm = log1p_normalize(counts, target_sum)
+    total = median_total(_row_sums(counts)) if target_sum is None else float(target_sum)
+    X_norm = log1p_normalize(counts, total)
     n_genes = np.diff(counts.indptr).astype(np.int64)
     n_low = int((n_genes <= MIN_GENES_QC).sum())
     if n_low:
@@ -416,9 +440,10 @@ def normalize(
     target.obs[N_GENES_KEY] = n_genes
     new_entry = dict(target.uns.get(UNS_KEY)) if isinstance(target.uns.get(UNS_KEY), dict) else {}
     new_entry["normalize"] = {
-        "target_sum": float(target_sum),
+        "target_sum": total,
         "input_kind": kind,
         "n_low_quality_cells": n_low,
+        **({"target_sum_rule": "median"} if target_sum is None else {}),
     }
     target.uns[UNS_KEY] = new_entry
     return container if copy else None

@@ -14,11 +14,11 @@ from .._inference import (  # noqa: F401  (re-exported: the inference loop lived
     BATCH_CELLS, MAX_TOKENS, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, token_budget,
 )
 from ..data._batching import length_batches
+from ..data._bulk import bulk_median, check_bulk, model_input_blocks, quiet_input_detection
 from ..data._depth import DEPTH_MODES
-from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
+from ..data._prepare import check_no_empty_cells, prepare_input
 from ..models._xtrimogene import POOLINGS, XTrimoGene, check_pooling
 from ._distributed import DistContext, init_distributed
-
 
 def depth_options(adata, *, target_depth: float, target_depth_mode: str, total_counts_key: str | None):
     """Check the depth-token arguments of :func:`embed`; return the obs totals (or None)."""
@@ -34,6 +34,26 @@ def depth_options(adata, *, target_depth: float, target_depth_mode: str, total_c
     if not np.all(np.isfinite(totals)) or np.any(totals < 0):
         raise ValueError(f"obs[{total_counts_key!r}] must hold finite, non-negative total counts.")
     return totals
+
+
+def input_params(net, prep, *, bulk: str | None, median: float | None, target_depth: float, target_depth_mode: str,
+                 total_counts_key: str | None) -> dict:
+    """The provenance entries shared by :func:`embed` and :func:`~scxtrimo.tl.gene_embed`."""
+    depth = net.config.depth_tokens and bulk is None
+    source = (net.metadata or {}).get("source_sha256")
+    return {
+        "model": str(net.checkpoint_name or "untrained"),
+        "sha256": str(net.checkpoint_sha256 or "none"),
+        **({"source_sha256": str(source)} if source and source != net.checkpoint_sha256 else {}),
+        "config": net.config.name,
+        "scxtrimo_version": package_version(),
+        "n_genes_matched": int(prep.n_matched),
+        **({"target_depth": float(target_depth), "target_depth_mode": target_depth_mode} if depth else {}),
+        **({"total_counts_key": total_counts_key} if depth and total_counts_key else {}),
+        **({"bulk": bulk} if bulk else {}),
+        **({"bulk_target_sum": float(median)} if median is not None else {}),
+        "input": f"bulk-{bulk}" if bulk else prep.kind,
+    }
 
 
 def check_depth_tokens(X, obs_names, *, start: int, n_genes: int) -> None:
@@ -78,6 +98,7 @@ def embed(
     target_depth: float = 4.0,
     target_depth_mode: str = "fixed",
     total_counts_key: str | None = None,
+    bulk: str | None = None,
     copy: bool = False,
     progress: bool = True,
 ):
@@ -133,6 +154,16 @@ def embed(
         Models with depth tokens only: ``obs`` column with each cell's raw total count, used for
         ``S`` (and ``T``) instead of the total recovered from the data, e.g. for log-normalized
         input whose raw totals are known.
+    bulk
+        Bulk RNA-seq samples instead of single cells, with the authors' conventions (paper
+        section 5.4.3; ``../specs/scfoundation-checkpoint.md`` section 4 item 6). The values
+        (``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
+        being integers or turned back into counts. ``"counts"``: raw (or expected) counts;
+        every sample is scaled to the **median** total of all samples and ``log1p``'d (scanpy's
+        ``normalize_total(target_sum=None)`` + ``log1p``); depth tokens ``T = S = log10`` of the
+        sample's sum of those log values. ``"normalized"``: values already normalized and
+        log-transformed, fed as they are; ``T = S`` = their plain sum. ``target_depth`` and
+        ``target_depth_mode`` do not apply; ``total_counts_key`` must be ``None``.
     copy
         Return a new object instead of writing into ``adata``.
     progress
@@ -144,8 +175,11 @@ def embed(
 
     * ``obsm[key_added]``: ``(n_obs, d)`` float32 cell embeddings (``d`` = 128 for xtrimo-3m;
       ``4 d`` with ``pooling="all"``).
-    * ``uns['xtrimo']['params']``: checkpoint name and sha256, configuration, package version,
-      number of reference genes matched, pooling, ``key_added`` and the detected input kind.
+    * ``uns['xtrimo']['params']``: checkpoint name and sha256 (for the authors' file: the
+      file's sha256; for a folder converted from it also ``source_sha256``), configuration,
+      package version, number of reference genes matched, pooling, ``key_added``, the detected
+      input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the depth-token
+      settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``).
 
     Raises
     ------
@@ -154,28 +188,32 @@ def embed(
         ``gene_symbols``); negative or non-finite values; cells with no expressed reference gene
         (filter them with ``sc.pp.filter_cells``); unknown ``pooling``, or ``"all"`` for a model
         without depth tokens or for cells with a total count of at most 1; an unknown
-        ``target_depth_mode``; a checkpoint that does not load. ``adata`` is unchanged when
-        anything fails.
+        ``target_depth_mode`` or ``bulk``; ``bulk`` with ``total_counts_key``; a checkpoint
+        that does not load. ``adata`` is unchanged when anything fails.
     KeyError
         ``total_counts_key`` is not a column of ``obs``.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+    check_bulk(bulk, total_counts_key)
     data0 = rna_modality(adata)
     totals = depth_options(data0, target_depth=target_depth, target_depth_mode=target_depth_mode,
                            total_counts_key=total_counts_key)
     target = adata.copy() if copy else adata
     data = rna_modality(target)
-    prep = prepare_input(data, gene_symbols=gene_symbols)
+    with quiet_input_detection(bulk):
+        prep = prepare_input(data, gene_symbols=gene_symbols)
+    median = bulk_median(prep) if bulk == "counts" else None
     ctx, dev = init_distributed(device)
     try:
         net = resolve_model(model, dev)
         check_pooling(pooling, net.config)
-        depth = (float(target_depth), target_depth_mode) if net.config.depth_tokens else None
         budget, cells = token_budget(dev, max_tokens), batch_cells(dev, batch_size)
         out = np.zeros((data.n_obs, net.embedding_width(pooling)), dtype=np.float32)
         bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress or not ctx.is_main)
-        for start, stop, X in iter_log1p_blocks(prep, depth=depth, totals=totals):
+        blocks = model_input_blocks(prep, net.config, bulk=bulk, median=median, target_depth=target_depth,
+                                    target_depth_mode=target_depth_mode, totals=totals)
+        for start, stop, X in blocks:
             check_no_empty_cells(X, data.obs_names, start=start)
             if pooling == "all":
                 check_depth_tokens(X, data.obs_names, start=start, n_genes=net.config.n_genes)
@@ -194,18 +232,8 @@ def embed(
         ctx.shutdown()
 
     data.obsm[key_added] = out
-    xtrimo_uns(data)["params"] = {
-        "model": str(net.checkpoint_name or "untrained"),
-        "sha256": str(net.checkpoint_sha256 or "none"),
-        "config": net.config.name,
-        "scxtrimo_version": package_version(),
-        "n_genes_matched": int(prep.n_matched),
-        "pooling": pooling,
-        "key_added": key_added,
-        **({"target_depth": float(target_depth), "target_depth_mode": target_depth_mode} if depth is not None else {}),
-        **({"total_counts_key": total_counts_key} if depth is not None and total_counts_key else {}),
-        "input": prep.kind,
-        "device": dev.type,
-        "world_size": ctx.world_size,
-    }
+    params = input_params(net, prep, bulk=bulk, median=median, target_depth=target_depth,
+                          target_depth_mode=target_depth_mode, total_counts_key=total_counts_key)
+    xtrimo_uns(data)["params"] = {**params, "pooling": pooling, "key_added": key_added, "device": dev.type,
+                                  "world_size": ctx.world_size}
     return target if copy else None
