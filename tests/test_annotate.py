@@ -200,3 +200,15 @@ def test_linear_probe_reuses_stored_embedding(pbmc3k_session):
     # applying the probe to a query that carries the same checkpoint's embedding skips the encoder
     scxtrimo.tl.annotate(query, model=clf, use_rep="X_xtrimo", progress=False)
     np.testing.assert_allclose(query.obsm["xtrimo_label_probabilities"], adata.obsm["xtrimo_label_probabilities"], atol=1e-5)
+
+
+def test_default_freeze_is_the_linear_probe_on_cpu(pbmc3k, tiny_config):
+    """freeze='auto' (the default) trains the head alone on a CPU: minutes, not an hour, on pbmc3k."""
+    small = pbmc3k[:150].copy()
+    torch.manual_seed(0)
+    base = XTrimoGene(tiny_config)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, epochs=2, device="cpu", progress=False)
+    assert clf.freeze == "all" and small.uns["xtrimo"]["annotate"]["freeze"] == "all"
+    for k, v in clf.backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k])

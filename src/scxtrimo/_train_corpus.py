@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ._device import autocast
+from ._oom import retry_on_oom
 from .data._batching import sortish_batches
 from .data._corpus import Corpus
 from .data._depth import ThinningConfig
@@ -69,6 +70,49 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class _MicroBatches:
+    """Pieces a step is cut into (gradient accumulation); doubled when CUDA runs out of memory."""
+
+    def __init__(self):
+        self.count = 1
+
+    def double(self, cells: int) -> bool:
+        if self.count >= cells:
+            return False
+        self.count = min(2 * self.count, cells)
+        return True
+
+
+def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
+          pieces: int) -> tuple[float, int]:
+    """One optimizer step on the cells ``part`` in ``pieces`` micro-batches; (masked MSE, encoder tokens).
+
+    Every cell's thinning and masks come from its key (seed, step, position in the batch), so
+    the update does not depend on ``pieces`` (up to float rounding).
+    """
+    opt.zero_grad(set_to_none=True)
+    batches = []
+    for pos in np.array_split(np.arange(len(part)), pieces):
+        counts = counts_to_device(corpus.counts[part[pos]], device)
+        totals = torch.from_numpy(corpus.total[part[pos]]).to(device, non_blocking=True)
+        keys = cell_keys(cfg.random_state, step, pos, device=device)
+        batches.append((keys, training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
+                                             depth_tokens=model.config.depth_tokens, totals=totals)))
+    n_t = sum(tb.target.sum() for _, tb in batches).clamp(min=1)
+    sse_total, tokens = torch.zeros((), device=device), 0
+    for keys, tb in batches:
+        with autocast(device):
+            pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
+                         zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None)
+        sse = masked_sse(pred, tb)
+        (sse / n_t).backward()
+        sse_total += sse.detach()
+        tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return float(sse_total / n_t), tokens
 
 
 def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device,
@@ -133,6 +177,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
         if on_eval is not None:
             on_eval(history)
 
+    micro = _MicroBatches()
     done = False
     while not done:
         rng = np.random.default_rng([cfg.random_state, epoch])
@@ -142,28 +187,20 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
                 done = True
                 break
             part = rows[b]
-            counts = counts_to_device(corpus.counts[part], device)
-            totals = torch.from_numpy(corpus.total[part]).to(device, non_blocking=True)
             if flops_per_cell is None:
-                flops_per_cell = step_flops(model, counts, totals, cfg) / len(part)
+                counts = counts_to_device(corpus.counts[part], device)
+                totals = torch.from_numpy(corpus.total[part]).to(device, non_blocking=True)
+                flops_per_cell = retry_on_oom(lambda: step_flops(model, counts, totals, cfg),
+                                              lambda: False, what="train_corpus FLOP count") / len(part)
+                del counts, totals
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, elapsed / budget)
-            keys = cell_keys(cfg.random_state, step, np.arange(len(part)), device=device)
-            tb = training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
-                                depth_tokens=model.config.depth_tokens, totals=totals)
-            with autocast(device):
-                pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
-                             zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None)
-            n_t = tb.target.sum().clamp(min=1)
-            loss = masked_sse(pred, tb) / n_t
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, n_tok = retry_on_oom(lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count),
+                                       lambda: micro.double(len(part)), what="train_corpus")
             step += 1
             cells += len(part)
-            tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
-            running.append(float(loss.detach()))
+            tokens += n_tok
+            running.append(loss)
             if time.perf_counter() - t0 - eval_s >= next_eval:
                 record()
                 next_eval += cfg.eval_every_s
@@ -182,6 +219,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
             "flops_per_cell": flops_per_cell, "achieved_flops": (flops_per_cell or 0) * cps,
             "mfu": (flops_per_cell or 0) * cps / peak if peak else None,
             "train_cells": int(len(rows)), "val_cells": int(len(val)), "batch_size": cfg.batch_size,
-            "minutes": cfg.minutes, "threads": torch.get_num_threads(),
+            "minutes": cfg.minutes, "threads": torch.get_num_threads(), "micro_batches": micro.count,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         },
     }

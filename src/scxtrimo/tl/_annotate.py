@@ -180,7 +180,7 @@ def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
         for p in bb.encoder.norm.parameters():
             p.requires_grad = freeze > 0
     elif freeze != "all":
-        raise ValueError(f"freeze={freeze!r}: use 'none' (fine-tune all), 'all' (linear probe) or an int k (last k layers).")
+        raise ValueError(f"freeze={freeze!r}: use 'auto', 'none' (fine-tune all), 'all' (linear probe) or an int k (last k layers).")
 
 
 @torch.no_grad()
@@ -269,7 +269,7 @@ def annotate(
     *,
     labels_key: str | None = None,
     model: str | os.PathLike | XTrimoGene | CellTypeClassifier = "xtrimo-3m",
-    freeze: str | int = "none",
+    freeze: str | int = "auto",
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 1e-4,
@@ -311,7 +311,10 @@ def annotate(
         the predictions are scored against it).
     freeze
         ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
-        an int ``k``: train only the last ``k`` encoder layers (and the head).
+        an int ``k``: train only the last ``k`` encoder layers (and the head). ``"auto"``
+        (default): ``"none"`` on CUDA, ``"all"`` on a CPU, where fine-tuning the encoder takes
+        an hour or more on pbmc3k and the probe a few minutes (``docs/benchmarks.md``; in every
+        measured run fine-tuning the bundled checkpoint did not beat its probe).
     epochs, batch_size, lr, head_lr, patience
         Training schedule: at most ``epochs`` passes, ``batch_size`` cells per optimizer step,
         encoder learning rate ``lr``, head learning rate ``head_lr``, stop after ``patience``
@@ -398,6 +401,8 @@ def annotate(
         _write(data, clf, proba, key_added, report)
         return clf
 
+    if freeze == "auto":
+        freeze = "none" if dev.type == "cuda" else "all"
     if use_rep is not None and freeze != "all":
         raise ValueError(f"use_rep={use_rep!r} works with the linear probe only; pass freeze='all' or drop use_rep.")
     if labels_key is None:
