@@ -8,6 +8,12 @@ Both run the same weights; each measurement runs in its own process so peak RSS 
 
     python benchmarks/embed_throughput.py --models xtrimo-3m xtrimo-10m xtrimo-100m
 
+Without anndata (a GPU machine), ``--corpus runs/corpus.xtc`` reads the same cells from the packed
+corpus (``scxtrimo corpus``) and times ``tl.embed``'s loop (``scxtrimo._inference.embed_matrix``,
+the same length-bucketed batches and defaults) after the corpus's log1p CP10k normalization:
+
+    python benchmarks/embed_throughput.py --device cuda --corpus runs/corpus.xtc --cells 2637 200
+
 MFU = useful encoder FLOPs (real tokens only, no padding; ``encoder_flops``) per second over the
 peak fp32 matmul rate measured on the same machine in the same run (``peak_flops``).
 """
@@ -26,6 +32,45 @@ from pathlib import Path
 import numpy as np
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def corpus_cells(corpus, dataset: str, n: int) -> np.ndarray:
+    """Rows of the packed corpus for ``dataset`` (``"pbmc3k"`` or ``"cellbench_celseq2"``), the first ``n``."""
+    if dataset == "pbmc3k":
+        rows = corpus.rows(source="pbmc3k")
+    else:
+        rows = corpus.rows(source="cellbench_lung_celllines")
+        rows = rows[np.char.startswith(corpus.obs_names[rows].astype(str), "sc_celseq2")]
+    return rows[:n]
+
+
+def authors_embed(model, X, device) -> np.ndarray:
+    """The authors' embedding loop: one cell at a time, fp32 (no TF32), the dense 19,266-long input
+    (genes + 2 depth slots) built for every cell, its non-zero entries gathered, encoder, max pooling.
+
+    ``X``: log1p CSR rows on the reference genes. Returns ``(n, d)`` float32.
+    """
+    import torch
+
+    from scxtrimo.data import TokenBatch
+
+    dev = torch.device(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as the authors ran it (torch's default)
+    emb = np.empty((X.shape[0], model.embedding_dim), dtype=np.float32)
+    try:
+        with torch.no_grad():
+            for i in range(X.shape[0]):
+                full = torch.zeros(19_266, dtype=torch.float32)  # genes + 2 depth slots
+                row = X[i]
+                full[torch.from_numpy(row.indices.astype(np.int64))] = torch.from_numpy(row.data)
+                full = full.to(dev)
+                genes = torch.nonzero(full[:19_264] > 0).squeeze(1)
+                batch = TokenBatch(genes[None], full[genes][None], torch.ones(1, len(genes), dtype=torch.bool, device=dev))
+                emb[i] = model.embed_cells(batch).cpu().numpy()[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return emb
 
 
 def load_cells(dataset: str, n: int):
@@ -70,49 +115,57 @@ def peak_flops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None
     return best
 
 
-def worker(method: str, model_name: str, dataset: str, n: int, device: str = "cpu") -> dict:
+def worker(method: str, model_name: str, dataset: str, n: int, device: str = "cpu", corpus_path: str | None = None) -> dict:
     import torch
 
-    import scxtrimo
-    from scxtrimo.data import TokenBatch
-    from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
+    import scxtrimo.models
 
     torch.manual_seed(0)
     dev = torch.device(device)
     model = scxtrimo.models.XTrimoGene(model_name).eval().to(dev)
-    adata = load_cells(dataset, n)
-    X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]
-    lengths = np.diff(X.indptr)
+    if corpus_path:  # no anndata: cells from the packed corpus, tl.embed's loop on its log1p rows
+        from scxtrimo._inference import batch_cells, embed_matrix, token_budget
+        from scxtrimo.data._corpus import load_corpus
+
+        corpus = load_corpus(corpus_path)
+        rows = corpus_cells(corpus, dataset, n)
+        n_obs = len(rows)
+        lengths = np.diff(corpus.model_input(rows).indptr)
+    else:
+        from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
+
+        adata = load_cells(dataset, n)
+        n_obs = adata.n_obs
+        lengths = np.diff(next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2].indptr)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    if method == "scxtrimo":
+    if corpus_path:
+        X = corpus.model_input(rows)  # timed, like tl.embed's normalization
+        if method == "scxtrimo":
+            emb = embed_matrix(model, X, np.arange(n_obs), "max", dev, max_cells=batch_cells(dev),
+                               max_tokens=token_budget(dev))
+        else:
+            emb = authors_embed(model, X, dev)
+    elif method == "scxtrimo":
         scxtrimo.tl.embed(adata, model=model, device=device, progress=False)
         emb = adata.obsm["X_xtrimo"]
     else:
         X = next(iter_log1p_blocks(prepare_input(adata), block_cells=adata.n_obs))[2]  # timed, like tl.embed's
-        emb = np.empty((adata.n_obs, model.embedding_dim), dtype=np.float32)
-        with torch.no_grad():
-            for i in range(adata.n_obs):
-                full = torch.zeros(19_266, dtype=torch.float32)  # genes + 2 depth slots
-                row = X[i]
-                full[torch.from_numpy(row.indices.astype(np.int64))] = torch.from_numpy(row.data)
-                full = full.to(dev)
-                genes = torch.nonzero(full[:19_264] > 0).squeeze(1)
-                batch = TokenBatch(genes[None], full[genes][None], torch.ones(1, len(genes), dtype=torch.bool, device=dev))
-                emb[i] = model.embed_cells(batch).cpu().numpy()[0]
+        emb = authors_embed(model, X, dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     flops = encoder_flops(model.config, lengths)
-    return {"method": method, "model": model_name, "dataset": dataset, "cells": adata.n_obs,
-            "seconds": dt, "cells_per_s": adata.n_obs / dt, "peak_rss_mb": rss1 / 1024,
+    return {"method": method, "model": model_name, "dataset": dataset, "cells": n_obs,
+            "seconds": dt, "cells_per_s": n_obs / dt, "peak_rss_mb": rss1 / 1024,
             "rss_growth_mb": (rss1 - rss0) / 1024, "emb_checksum": float(np.abs(emb).sum()),
             "tokens": int(lengths.sum()), "mean_genes": float(lengths.mean()), "gflop_per_s": flops / dt / 1e9,
             "threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
 
 
@@ -123,11 +176,15 @@ def main():
     ap.add_argument("--cells", type=int, nargs="+", default=[300, 30],
                     help="cells per data set (one number, or one per data set)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (authors' path fp32, tl.embed bf16 autocast)")
+    ap.add_argument("--corpus", default=None,
+                    help="read the cells from this packed corpus (scxtrimo corpus; no anndata needed) and time "
+                         "tl.embed's loop (embed_matrix) instead of tl.embed")
+    ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, model, dataset, n, device = args.worker
-        print(json.dumps(worker(method, model, dataset, int(n), device)))
+        print(json.dumps(worker(method, model, dataset, int(n), device, args.corpus)))
         return
     cells = dict(zip(args.datasets, args.cells * len(args.datasets) if len(args.cells) == 1 else args.cells))
     import torch
@@ -142,15 +199,19 @@ def main():
             n = cells[dataset] if "100m" not in model else max(cells[dataset] // 5, 6)
             pair = {}
             for method in ("authors", "scxtrimo"):
-                out = subprocess.run([sys.executable, __file__, "--worker", method, model, dataset, str(n), args.device],
-                                     capture_output=True, text=True, check=True)
+                extra = ["--corpus", args.corpus] if args.corpus else []
+                out = subprocess.run([sys.executable, __file__, "--worker", method, model, dataset, str(n), args.device,
+                                      *extra], capture_output=True, text=True, check=True)
                 pair[method] = json.loads(out.stdout.strip().splitlines()[-1])
                 pair[method]["mfu"] = pair[method]["gflop_per_s"] * 1e9 / peak
                 rows.append(pair[method])
             speedup = pair["scxtrimo"]["cells_per_s"] / pair["authors"]["cells_per_s"]
+            mem = "peak_gpu_mb" if args.device != "cpu" else "peak_rss_mb"
             print(f"{model:12s} {dataset:18s} authors {pair['authors']['cells_per_s']:7.2f} cells/s "
-                  f"({pair['authors']['peak_rss_mb']:.0f} MB, MFU {pair['authors']['mfu']:.0%})  scxtrimo {pair['scxtrimo']['cells_per_s']:7.2f} cells/s "
-                  f"({pair['scxtrimo']['peak_rss_mb']:.0f} MB, MFU {pair['scxtrimo']['mfu']:.0%})  speed-up {speedup:.2f}x", flush=True)
+                  f"({pair['authors'][mem]:.0f} MB, MFU {pair['authors']['mfu']:.0%})  scxtrimo {pair['scxtrimo']['cells_per_s']:7.2f} cells/s "
+                  f"({pair['scxtrimo'][mem]:.0f} MB, MFU {pair['scxtrimo']['mfu']:.0%})  speed-up {speedup:.2f}x", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_gflop_per_s": peak / 1e9, "rows": rows}, indent=1))
     print(json.dumps({"peak_gflop_per_s": peak / 1e9, "rows": rows}, indent=1))
 
 

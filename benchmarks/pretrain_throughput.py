@@ -12,6 +12,7 @@ Reported per step: cells/s, encoder tokens/s, decoder tokens/s, forward+backward
 the machine's sustained fp32 matmul rate measured in the same run.
 
     python benchmarks/pretrain_throughput.py --plot docs/_static/pretrain_cost.png
+    python benchmarks/pretrain_throughput.py --device cuda --corpus runs/corpus.xtc   # no anndata
 """
 
 from __future__ import annotations
@@ -33,14 +34,32 @@ import scxtrimo  # noqa: E402
 from scxtrimo import N_GENES  # noqa: E402
 from scxtrimo.data import mask_values  # noqa: E402
 from scxtrimo.data._masking import MaskingConfig  # noqa: E402
-from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input  # noqa: E402
-from scxtrimo.tl._pretrain import masked_loss  # noqa: E402
 from flops import xtrimogene  # noqa: E402
 
 
-def deep_cells(min_genes: int):
-    """log1p CP10k rows (csr, reference genes) of CEL-seq2 cells with >= min_genes expressed."""
+def masked_loss(pred: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE at the masked positions (``scxtrimo.tl._pretrain.masked_loss``, which imports anndata)."""
+    return torch.nn.functional.mse_loss(pred[target].float(), values[target].float())
+
+
+def deep_cells(min_genes: int, corpus_path: str | None = None):
+    """log1p CP10k rows (csr, reference genes) of CEL-seq2 cells with >= min_genes expressed.
+
+    ``corpus_path``: read them from a packed corpus (``scxtrimo corpus``; no anndata needed).
+    """
+    if corpus_path:
+        from scxtrimo.data._corpus import load_corpus
+
+        corpus = load_corpus(corpus_path)
+        rows = corpus.rows(source="cellbench_lung_celllines")
+        keep = np.char.startswith(corpus.obs_names[rows].astype(str), "sc_celseq2")
+        if "doublet" in corpus.label_names:
+            keep &= corpus.label[rows] != corpus.label_names.index("doublet")
+        X = corpus.model_input(rows[keep])
+        return X[np.flatnonzero(np.diff(X.indptr) >= min_genes)]
     import anndata as ad
+
+    from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 
     cb = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
     cb = cb[cb.obs["batch"].astype(str).str.startswith("sc_celseq2") & (cb.obs["cell_type"] != "doublet")].copy()
@@ -111,6 +130,7 @@ def main():
     ap.add_argument("--plot", default=None, help="write the cost-versus-genes plot here (PNG)")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--replot", default=None, help="only redraw --plot from a --json file written before")
+    ap.add_argument("--corpus", default=None, help="read the CEL-seq2 cells from this packed corpus (no anndata needed)")
     args = ap.parse_args()
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
@@ -118,8 +138,9 @@ def main():
         return
 
     peak = peak_flops() if args.device == "cpu" else peak_flops(8192, 20, "cuda", torch.bfloat16)
-    print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads", flush=True)
-    X = deep_cells(max(args.genes))
+    print(f"peak {'fp32' if args.device == 'cpu' else 'bf16'} matmul: {peak / 1e9:.1f} GFLOP/s, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    X = deep_cells(max(args.genes), args.corpus)
     print(f"{X.shape[0]} CEL-seq2 cells with >= {max(args.genes)} expressed reference genes", flush=True)
     rows = []
     for model_name in args.models:
