@@ -25,8 +25,9 @@ from .data._masking import MaskingConfig, cell_keys, keyed_uniform
 from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
 from .models._xtrimogene import XTrimoGene
 
-#: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+#: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU;
+#: the first name contained in the device's name wins (more specific names first).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass

@@ -1,9 +1,24 @@
-"""Tools: embed cells, gene-context embeddings, pretrain models, annotate cell types, evaluate clusterings."""
+"""Tools: embed cells, pretrain models, annotate cell types, gene-context embeddings, evaluate clusterings.
 
-from ._annotate import CellTypeClassifier, annotate
-from ._clustering import evaluate_clustering
-from ._embed import embed
-from ._gene_context import gene_embed
-from ._pretrain import pretrain
+Names are imported on first use, so that ``scxtrimo.tl._distributed`` (torch only) loads on a
+machine without anndata or scanpy.
+"""
 
-__all__ = ["embed", "gene_embed", "pretrain", "annotate", "CellTypeClassifier", "evaluate_clustering"]
+import importlib
+
+_WHERE = {
+    "embed": "_embed", "pretrain": "_pretrain", "annotate": "_annotate", "CellTypeClassifier": "_annotate",
+    "evaluate_clustering": "_clustering", "gene_embed": "_gene_context",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'scxtrimo.tl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
