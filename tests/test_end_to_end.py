@@ -13,7 +13,8 @@ def embedded():
     adata = scxtrimo.datasets.pbmc3k()
     scxtrimo.tl.embed(adata, model="xtrimo-3m", progress=False)
     torch.manual_seed(0)
-    scxtrimo.tl.embed(adata, model=XTrimoGene("xtrimo-3m"), key_added="X_random", progress=False)
+    random = XTrimoGene(scxtrimo.models.load("xtrimo-3m").config)  # same architecture, random weights
+    scxtrimo.tl.embed(adata, model=random, key_added="X_random", progress=False)
     return adata
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 
 from .._device import autocast, resolve_device
-from ..data._masking import MaskingConfig, mask_values
-from ..data._prepare import iter_log1p_blocks, prepare_input
+from ..data._masking import cell_keys
+from ..data._objective import counts_to_device, training_batch
+from ..data._prepare import counts_rows, prepare_input
 from ..models._xtrimogene import XTrimoGene
 from .._anndata import rna_modality
 from ._finish import finish
@@ -18,22 +19,25 @@ def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size:
 
     Returns a dict with ``true`` and ``pred`` (masked non-zero targets), ``sparsity`` (per
     target: the cell's fraction of zero genes), ``pearson`` overall and ``by_sparsity`` (a list
-    of ``(low, high, r, n)``).
+    of ``(low, high, r, n)``). Cell ``i`` is masked with the key ``cell_keys(random_state, 0, i)``
+    (pretraining's masking, section 4.2); a model with depth tokens gets ``T = S`` (the cell's
+    own depth).
     """
     dev = resolve_device(device)
     data = rna_modality(adata)
     prep = prepare_input(data)
-    X = next(iter_log1p_blocks(prep, block_cells=n_cells))[2]
-    gen = torch.Generator(device=dev).manual_seed(random_state)
+    C = counts_rows(prep, 0, min(n_cells, data.n_obs))
     model = model.to(dev).eval()
     true, pred, sparsity = [], [], []
     with torch.no_grad():
-        for s in range(0, X.shape[0], batch_size):
-            values = torch.from_numpy(X[s : s + batch_size].toarray()).to(dev)
-            mb = mask_values(values, MaskingConfig(), generator=gen)
+        for s in range(0, C.shape[0], batch_size):
+            part = C[s : s + batch_size]
+            tb = training_batch(counts_to_device(part, dev), cell_keys(random_state, 0, np.arange(s, s + part.shape[0]), device=dev),
+                                depth_tokens=model.config.depth_tokens)
+            values = tb.values
             with autocast(dev):
-                out = model(mb.inputs, mb.is_mask).float()
-            keep = mb.target & (values != 0)
+                out = model(tb.inputs, tb.is_mask).float()
+            keep = tb.target & (values != 0)
             zero_frac = 1 - (values != 0).float().mean(1, keepdim=True).expand_as(values)
             true.append(values[keep].cpu().numpy())
             pred.append(out[keep].cpu().numpy())
