@@ -6,6 +6,11 @@
 #
 #   run(command="bash benchmarks/device.sh", carry=[".whl", "runs/corpus.xtc"], timeout_s=480)
 #
+# The pretraining run of scripts/train_device.py with the same set-up (first in a device session):
+#
+#   run(command="bash benchmarks/device.sh train --minutes 6.5 --config xtrimo-10m --depth-tokens ...",
+#       carry=[".whl", "runs/corpus.xtc"], timeout_s=560)
+#
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
 #
 #   SMOKE=1 bash benchmarks/device.sh          # or: bash benchmarks/device.sh --smoke
@@ -151,5 +156,17 @@ main() {
   return "$FAILED"
 }
 
+train() {  # the pretraining run (scripts/train_device.py) with the same set-up: wheels, distutils, corpus
+  echo "==== [$(date +%T)] pretraining run: OUT=$OUT CORPUS=$CORPUS $(uname -srm)"
+  setup || return 2
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  "$PY" scripts/train_device.py train --corpus "$CORPUS" --out "$OUT" "$@"
+}
+
+if [ "${1:-}" = train ]; then
+  shift
+  train "$@" 2>&1 | tee -a "$OUT/train.out" | tail -n 200
+  exit "${PIPESTATUS[0]}"
+fi
 main 2>&1 | tee "$OUT/device.log"
 exit "${PIPESTATUS[0]}"
