@@ -198,7 +198,7 @@ def train(args) -> None:
                             masking=MaskingConfig(max_visible=args.max_visible))
     prior = dict(model.metadata or {})
     seen_before = int(prior.get("cells_seen", 0))
-    minutes_before = float(prior.get("minutes", 0.0))
+    minutes_before = float(prior.get("minutes", prior.get("wall_time_s", 0.0) / 60))  # tl.pretrain records seconds
 
     def meta(history) -> dict:
         last = history[-1] if history else {}
