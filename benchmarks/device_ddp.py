@@ -10,9 +10,8 @@ TF32, so the tolerance is tight. Rank 0 writes a JSON report.
     python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/device_ddp.py --out ddp.json
     python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/device_ddp.py --device cpu  # gloo smoke
 
-``scxtrimo.tl`` imports anndata in its ``__init__``; where anndata is absent (the GPU machine)
-the package is stood in by an empty one so that ``scxtrimo.tl._distributed`` (torch only)
-imports on its own.
+``scxtrimo.tl._distributed`` needs torch only (``scxtrimo.tl`` imports its tools lazily), so
+this runs on the GPU machine, which has no anndata.
 """
 
 from __future__ import annotations
@@ -22,28 +21,11 @@ import copy
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a plain checkout, no install
-
-
-def import_distributed():
-    """``scxtrimo.tl._distributed``, without importing ``scxtrimo.tl`` (anndata) where anndata is absent."""
-    try:
-        import anndata  # noqa: F401
-    except ImportError:
-        import scxtrimo
-
-        if "scxtrimo.tl" not in sys.modules:
-            pkg = types.ModuleType("scxtrimo.tl")
-            pkg.__path__ = [str(Path(scxtrimo.__file__).parent / "tl")]
-            sys.modules["scxtrimo.tl"] = pkg
-    from scxtrimo.tl import _distributed
-
-    return _distributed
 
 
 def synthetic_values(cells: int, seed: int = 1) -> torch.Tensor:
@@ -74,7 +56,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cells-per-rank", type=int, default=2)
     ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
     args = ap.parse_args(argv)
-    D = import_distributed()
+    from scxtrimo.tl import _distributed as D
     from scxtrimo.models import XTrimoGene, XTrimoGeneConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +79,6 @@ def synthetic_corpus(cells: int = 48, seed: int = 0):
     return Corpus(counts=C, total=np.asarray(C.sum(1), dtype=np.float64).ravel(), source=np.zeros(cells, np.int16),
                   sources=["synthetic"], label=np.full(cells, -1, np.int16), label_names=[], split=split,
                   obs_names=np.array([f"c{i}" for i in range(cells)]))
-
-
-def import_distributed():
-    """``scxtrimo.tl._distributed`` (torch only) where anndata, and with it ``scxtrimo.tl``, is absent."""
-    try:
-        import anndata  # noqa: F401
-    except ImportError:
-        import scxtrimo
-
-        if "scxtrimo.tl" not in sys.modules:
-            pkg = types.ModuleType("scxtrimo.tl")
-            pkg.__path__ = [str(Path(scxtrimo.__file__).parent / "tl")]
-            sys.modules["scxtrimo.tl"] = pkg
-    from scxtrimo.tl import _distributed
-
-    return _distributed
 
 
 def counts_to_device(X: sp.csr_matrix, dev: torch.device) -> torch.Tensor:
@@ -241,7 +224,7 @@ def test_keyed_thinning_and_masking_do_not_depend_on_the_device():
 
 
 def test_activation_checkpointing_gives_the_same_gradients_on_gpu(dev):
-    D = import_distributed()
+    from scxtrimo.tl import _distributed as D
     from scxtrimo._device import autocast
     from scxtrimo.data._masking import cell_keys, mask_values_keyed
     from scxtrimo.models import XTrimoGene

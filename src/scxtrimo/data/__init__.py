@@ -4,7 +4,7 @@ Names are imported on first use: masking, batching, depth tokens and the packed 
 torch, NumPy and SciPy only; the streamed ``.h5ad`` corpus needs anndata.
 """
 
-import importlib
+from .._lazy import lazy_attributes
 
 _WHERE = {
     "TokenBatch": "_batching", "csr_row_batch": "_batching", "length_batches": "_batching",
@@ -19,12 +19,4 @@ _WHERE = {
 
 __all__ = list(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module 'scxtrimo.data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())

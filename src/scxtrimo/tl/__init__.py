@@ -4,7 +4,7 @@ Names are imported on first use, so that ``scxtrimo.tl._distributed`` (torch onl
 machine without anndata or scanpy.
 """
 
-import importlib
+from .._lazy import lazy_attributes
 
 _WHERE = {
     "embed": "_embed", "pretrain": "_pretrain", "annotate": "_annotate", "CellTypeClassifier": "_annotate",
@@ -13,12 +13,4 @@ _WHERE = {
 
 __all__ = list(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module 'scxtrimo.tl' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())
