@@ -23,6 +23,9 @@ def test_pretrained_beats_random_initialisation(embedded):
     random = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_random")
     assert trained["n_clusters"] == random["n_clusters"] == 8
     assert trained["ari"] > random["ari"] + 0.1, (trained, random)
+    # the floor: measured 0.204 with this checkpoint (Leiden seed 0; seeds 0-2: 0.204-0.220,
+    # docs/benchmarks/embedding_quality.csv), less a margin for platform float differences
+    assert trained["ari"] >= 0.15, trained
     assert trained["nmi"] > random["nmi"], (trained, random)
     params = embedded.uns["xtrimo"]["params"]
     assert params["key_added"] == "X_random" and params["model"] == "untrained"
