@@ -174,6 +174,28 @@ def test_real_cuda_out_of_memory_halves_the_batch():
     assert torch.cuda.memory_allocated() <= before + (1 << 20)
 
 
+
+@needs_cuda
+def test_autocast_allows_tf32_only_inside_its_block():
+    """bf16 autocast allows TF32 for the fp32 work inside it and restores the user's settings
+    on exit, also after an error, so later fp32 work keeps its precision."""
+    from scxtrimo._device import autocast
+
+    dev = torch.device("cuda")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with autocast(dev):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            assert (torch.ones(4, 4, device=dev) @ torch.ones(4, 4, device=dev)).dtype == torch.bfloat16
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError), autocast(dev):
+            raise RuntimeError("inside")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 # ---- training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("decoder_zeros,depth_tokens", [(None, False), (64, True)])
 def test_corpus_training_steps_on_gpu(dev, decoder_zeros, depth_tokens):

@@ -23,10 +23,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+@contextlib.contextmanager
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (paper appendix 5: mixed precision); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on CUDA (paper appendix 5: mixed precision); a no-op on CPU.
+
+    On CUDA, TF32 matmuls and convolutions are allowed inside the block (the fp32 work autocast
+    leaves, e.g. the loss) and the previous settings are restored on exit, so fp32 work
+    elsewhere in the process keeps PyTorch's (or the user's) precision.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
