@@ -8,8 +8,11 @@
 #
 # The pretraining run of scripts/train_device.py with the same set-up (first in a device session):
 #
-#   run(command="bash benchmarks/device.sh train --minutes 6.5 --config xtrimo-10m --depth-tokens ...",
-#       carry=[".whl", "runs/corpus.xtc"], timeout_s=560)
+#   run(command="bash benchmarks/device.sh train --minutes 6 --config xtrimo-10m --depth-tokens ...",
+#       carry=[".whl", "runs/corpus.xtc"], timeout_s=480)
+#
+# and at once after it (a session has 900 device seconds, start-up included) the figures call
+# with timeout_s=320.
 #
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
 #
