@@ -1,7 +1,6 @@
 import anndata as ad
 import mudata as md
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -61,6 +60,26 @@ def test_deterministic_and_batch_size_independent(small, model):
     np.testing.assert_array_equal(a.obsm["X_xtrimo"], b.obsm["X_xtrimo"])
     np.testing.assert_allclose(a.obsm["X_xtrimo"], c.obsm["X_xtrimo"], atol=1e-5)
 
+
+
+def test_results_held_on_the_device_land_in_their_rows(small, model, monkeypatch):
+    """On CUDA the results of several length batches wait on the device and come back in one
+    copy; the same path on the CPU (forced) gives exactly the per-batch result."""
+    from scxtrimo import _inference
+
+    a = small.copy()
+    scxtrimo.tl.embed(a, model=model, progress=False, batch_size=7, max_tokens=6_000)
+    monkeypatch.setitem(_inference.PENDING_BATCHES, "cpu", 4)
+    b = small.copy()
+    scxtrimo.tl.embed(b, model=model, progress=False, batch_size=7, max_tokens=6_000)
+    np.testing.assert_array_equal(a.obsm["X_xtrimo"], b.obsm["X_xtrimo"])
+    X = scxtrimo.data._prepare.log1p_rows(scxtrimo.data._prepare.prepare_input(small), 0, small.n_obs)
+    rows = np.random.default_rng(0).permutation(small.n_obs)[:50]
+    kw = dict(width=1, max_cells=6, max_tokens=100_000)
+    fn = lambda batch: batch.valid.sum(1, keepdim=True)  # noqa: E731  each cell's number of genes
+    held = _inference.map_cells(fn, X, rows, torch.device("cpu"), pending=3, **kw)
+    np.testing.assert_array_equal(held[:, 0], np.diff(X.indptr)[rows])
+    np.testing.assert_array_equal(held, _inference.map_cells(fn, X, rows, torch.device("cpu"), pending=1, **kw))
 
 def test_copy_key_added_and_mean_pooling(small, model):
     out = scxtrimo.tl.embed(small, model=model, progress=False, copy=True, key_added="X_mean", pooling="mean")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import scxtrimo
+import scxtrimo._inference
 from scxtrimo._oom import halve_rows_on_oom, retry_on_oom
 from scxtrimo.models import XTrimoGene
 
@@ -59,7 +60,11 @@ def test_a_step_is_retried_after_shrinking_and_gives_up_when_it_cannot():
         retry_on_oom(never_fits, lambda: False, what="test")
 
 
-def test_embed_recovers_from_out_of_memory_with_the_same_embedding(pbmc3k, tiny_config, monkeypatch):
+@pytest.mark.parametrize("pending", [1, 5])
+def test_embed_recovers_from_out_of_memory_with_the_same_embedding(pbmc3k, tiny_config, monkeypatch, pending):
+    """``pending``: batches whose (device) results wait before one copy to the host, as on CUDA;
+    the halves of a failed batch are joined on the device (``torch.cat``)."""
+    monkeypatch.setitem(scxtrimo._inference.PENDING_BATCHES, "cpu", pending)
     torch.manual_seed(0)
     model = XTrimoGene(tiny_config).eval()
     small = pbmc3k[:40].copy()

@@ -22,6 +22,9 @@ MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
 #: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
 #: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
 BATCH_CELLS = {"cpu": 1, "cuda": 256}
+#: Batches whose results wait on the device before one copy to the host, by device type (a copy
+#: to the host waits for the device, so on CUDA the host prepares later batches meanwhile).
+PENDING_BATCHES = {"cpu": 1, "cuda": 16}
 
 
 def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
@@ -44,28 +47,64 @@ def resolve_model(model, device: torch.device):
     return load(model, device=device)
 
 
-def apply_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> np.ndarray:
-    """``fn`` on the cells ``X[rows]`` (log1p rows) as one batch, in inference mode, as float32.
+def run_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``fn`` on the cells ``X[rows]`` (log1p rows) as one batch, in inference mode: ``(n, k)``
+    float32 on ``device``, not yet copied to the host (no synchronization).
 
     ``fn`` maps a :class:`TokenBatch` to an ``(n, k)`` tensor. On CUDA out-of-memory the rows are
     halved and retried.
     """
 
-    def run(part: np.ndarray) -> np.ndarray:
+    def run(part: np.ndarray) -> torch.Tensor:
         batch = csr_row_batch(X, part).to(device, non_blocking=True)
         with torch.inference_mode(), autocast(device):
-            return fn(batch).float().cpu().numpy()
+            return fn(batch).float()
 
-    return halve_rows_on_oom(run, rows)
+    return halve_rows_on_oom(run, rows, cat=torch.cat)
+
+
+def apply_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    """:func:`run_rows` copied to the host: ``(n, k)`` float32 NumPy."""
+    return run_rows(fn, X, rows, device).cpu().numpy()
+
+
+class RowSink:
+    """Results of row batches into ``out``, copied to the host every ``pending`` batches at once.
+
+    Each copy to the host waits for the device. On CUDA the results of several batches stay on
+    the GPU (``PENDING_BATCHES``) so that the host builds the next batches while the GPU works,
+    and one copy brings them all back. ``add(rows, result)``: ``result`` is the ``(len(rows), k)``
+    device tensor of the rows ``rows`` of ``out``; ``flush()`` writes what is pending.
+    """
+
+    def __init__(self, out: np.ndarray, device: torch.device, pending: int | None = None):
+        self.out = out
+        self.pending = pending or PENDING_BATCHES.get(device.type, 1)
+        self._rows: list[np.ndarray] = []
+        self._results: list[torch.Tensor] = []
+
+    def add(self, rows: np.ndarray, result: torch.Tensor) -> None:
+        self._rows.append(rows)
+        self._results.append(result)
+        if len(self._results) >= self.pending:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._results:
+            self.out[np.concatenate(self._rows)] = torch.cat(self._results).cpu().numpy()
+            self._rows, self._results = [], []
 
 
 def map_cells(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, device: torch.device, *, width: int,
-              max_cells: int, max_tokens: int) -> np.ndarray:
-    """``(len(rows), width)`` float32: :func:`apply_rows` over ``X[rows]`` in length-bucketed batches."""
+              max_cells: int, max_tokens: int, pending: int | None = None) -> np.ndarray:
+    """``(len(rows), width)`` float32: :func:`run_rows` over ``X[rows]`` in length-bucketed batches
+    (results copied to the host every ``pending`` batches, see :class:`RowSink`)."""
     out = np.empty((len(rows), width), dtype=np.float32)
+    sink = RowSink(out, device, pending)
     for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
         b = np.sort(b)
-        out[b] = apply_rows(fn, X, rows[b], device)
+        sink.add(b, run_rows(fn, X, rows[b], device))
+    sink.flush()
     return out
 
 

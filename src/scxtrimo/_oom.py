@@ -33,8 +33,10 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def halve_rows_on_oom(run: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """``run(rows)``; on CUDA out-of-memory, ``run`` on each half of ``rows``, concatenated (recursively)."""
+def halve_rows_on_oom(run: Callable[[np.ndarray], T], rows: np.ndarray, *,
+                      cat: Callable[[list[T]], T] = np.concatenate) -> T:
+    """``run(rows)``; on CUDA out-of-memory, ``run`` on each half of ``rows``, joined by ``cat``
+    (recursively). ``cat`` is ``np.concatenate`` for arrays, ``torch.cat`` for tensors."""
     try:
         return run(rows)
     except torch.cuda.OutOfMemoryError:
@@ -42,7 +44,7 @@ def halve_rows_on_oom(run: Callable[[np.ndarray], np.ndarray], rows: np.ndarray)
             raise
     _free()
     half = len(rows) // 2
-    return np.concatenate([halve_rows_on_oom(run, rows[:half]), halve_rows_on_oom(run, rows[half:])])
+    return cat([halve_rows_on_oom(run, rows[:half], cat=cat), halve_rows_on_oom(run, rows[half:], cat=cat)])
 
 
 def retry_on_oom(step: Callable[[], T], shrink: Callable[[], bool], *, what: str) -> T:

@@ -66,7 +66,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         attn_mask = None
-        if key_padding is not None and not bool(key_padding.all()):
+        # Without padding the mask is dropped on the CPU (the fused kernel needs no mask). Asking
+        # would wait for the GPU there, so on CUDA the mask is always passed.
+        if key_padding is not None and (key_padding.device.type != "cpu" or not bool(key_padding.all())):
             attn_mask = key_padding[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn_mask)

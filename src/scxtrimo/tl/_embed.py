@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._inference import (  # noqa: F401  (re-exported: the inference loop lived here)
-    BATCH_CELLS, MAX_TOKENS, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, token_budget,
+    BATCH_CELLS, MAX_TOKENS, RowSink, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, run_rows,
+    token_budget,
 )
 from ..data._batching import length_batches
 from ..data._bulk import bulk_median, check_bulk, model_input_blocks, quiet_input_detection
@@ -218,9 +219,11 @@ def embed(
             if pooling == "all":
                 check_depth_tokens(X, data.obs_names, start=start, n_genes=net.config.n_genes)
             batches = [np.sort(b) for b in length_batches(np.diff(X.indptr), max_cells=cells, max_tokens=budget)]
+            sink = RowSink(out, dev)
             for rows in batches[ctx.rank :: ctx.world_size]:
-                out[start + rows] = apply_rows(partial(net.embed_cells, pooling=pooling), X, rows, dev)
+                sink.add(start + rows, run_rows(partial(net.embed_cells, pooling=pooling), X, rows, dev))
                 bar.update(len(rows))
+            sink.flush()
             if ctx.world_size > 1:
                 shards = [np.concatenate(batches[r :: ctx.world_size] or [np.zeros(0, np.int64)]).astype(np.int64)
                           for r in range(ctx.world_size)]
