@@ -223,7 +223,7 @@ def embed_figures(corpus, name: str, dev: torch.device, *, cells: int | None, re
     X = corpus.model_input(rows)
     lengths = np.diff(X.indptr)
     idx = np.arange(len(rows))
-    cells_b, budget = batch_cells(dev), token_budget(dev)
+    cells_b, budget = batch_cells(dev), token_budget(dev, config=model.config)
 
     def loop(X):
         return embed_matrix(model, X, idx[: X.shape[0]], "max", dev, max_cells=cells_b, max_tokens=budget)
@@ -289,9 +289,10 @@ def memory_figures(corpus, name: str, dev: torch.device, *, genes: int, cells: i
     idx = np.arange(X.shape[0])
     free(dev)
     weights = torch.cuda.memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
-    settings = [("tl.embed defaults", batch_cells(dev), token_budget(dev))]
-    settings += [(f"max_tokens={b:,}", batch_cells(dev), b) for b in budgets if b != token_budget(dev)]
-    settings += [("one cell per batch", 1, token_budget(dev))]
+    default = token_budget(dev, config=model.config)
+    settings = [("tl.embed defaults", batch_cells(dev), default)]
+    settings += [(f"max_tokens={b:,}", batch_cells(dev), b) for b in budgets if b != default]
+    settings += [("one cell per batch", 1, default)]
     runs = []
     for label, mc, mt in settings:
         embed_matrix(model, X[:2], idx[:2], "max", dev, max_cells=mc, max_tokens=mt)  # warm-up
@@ -314,7 +315,7 @@ def memory_figures(corpus, name: str, dev: torch.device, *, genes: int, cells: i
 
     def prof():
         profile(f"memory {name}: tl.embed defaults over {X.shape[0]} cells of {genes} genes (sorted by GPU memory)",
-                lambda: embed_matrix(model, X, idx, "max", dev, max_cells=batch_cells(dev), max_tokens=token_budget(dev)),
+                lambda: embed_matrix(model, X, idx, "max", dev, max_cells=batch_cells(dev), max_tokens=default),
                 dev, memory=True)
 
     out["_profile"] = prof

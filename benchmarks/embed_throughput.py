@@ -146,7 +146,7 @@ def worker(method: str, model_name: str, dataset: str, n: int, device: str = "cp
         X = corpus.model_input(rows)  # timed, like tl.embed's normalization
         if method == "scxtrimo":
             emb = embed_matrix(model, X, np.arange(n_obs), "max", dev, max_cells=batch_cells(dev),
-                               max_tokens=token_budget(dev))
+                               max_tokens=token_budget(dev, config=model.config))
         else:
             emb = authors_embed(model, X, dev)
     elif method == "scxtrimo":

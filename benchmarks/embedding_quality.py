@@ -132,7 +132,7 @@ def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore"):
             width = 2 * d if depth is None else 6 * d
         emb = map_cells(partial(_pools, model, depth=depth is not None), X, np.arange(X.shape[0]), device,
-                        width=width, max_cells=batch_cells(device), max_tokens=token_budget(device))
+                        width=width, max_cells=batch_cells(device), max_tokens=token_budget(device, config=model.config))
         tag = "" if depth is None else ("/T=4" if depth[1] == "fixed" else "/T=S")
         out[f"max{tag}"] = emb[:, :d]
         out[f"mean{tag}"] = emb[:, d : 2 * d]

@@ -138,7 +138,7 @@ def pbmc3k_score(model: XTrimoGene, corpus, device: torch.device, *, seeds=(0, 1
     for pooling, depth in variants:
         X = corpus.model_input(rows, depth=depth)
         emb = embed_matrix(model, X, np.arange(len(rows)), pooling, device, max_cells=batch_cells(device),
-                           max_tokens=token_budget(device))
+                           max_tokens=token_budget(device, config=model.config))
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-6)
         fits = [KMeans(k, n_init=10, random_state=s).fit_predict(emb) for s in seeds]
         ari = [adjusted_rand_score(labels, f) for f in fits]

@@ -76,3 +76,17 @@ def test_a_token_budget_split_shrinks_until_every_part_is_one_cell(pbmc3k_prepar
     assert counts[0] == 1 and counts[-1] == 32  # one part for the whole step ... one cell per part
     assert counts == sorted(counts)  # a lower budget never makes fewer parts
     assert lengths.min() <= split.max_tokens < 2 * lengths.min()  # stops at the first budget of one cell per part
+
+
+def test_default_token_budget_shrinks_for_wide_encoders_on_cuda():
+    """Batches of wide encoders hold fewer tokens on CUDA, so activations stay about the same size."""
+    import torch
+
+    from scxtrimo._inference import token_budget
+    from scxtrimo.models import CONFIGS
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert [token_budget(cuda, config=CONFIGS[n]) for n in ("xtrimo-3m", "xtrimo-10m", "xtrimo-100m")] == [
+        262_144, 262_144, 65_536]
+    assert token_budget(cuda) == 262_144 and token_budget(cpu, config=CONFIGS["xtrimo-100m"]) == 4_096
+    assert token_budget(cuda, 1_000, config=CONFIGS["xtrimo-100m"]) == 1_000

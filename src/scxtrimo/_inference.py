@@ -6,6 +6,7 @@ predictions and the training scripts' evaluations. It needs torch, NumPy and Sci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -22,6 +23,8 @@ MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
 #: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
 #: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
 BATCH_CELLS = {"cpu": 1, "cuda": 256}
+#: Feed-forward width (``enc_dim x enc_ff_mult``) for which ``MAX_TOKENS`` is set: xtrimo-10m's.
+REFERENCE_FF_WIDTH = 1_024
 #: Batches whose results wait on the device before one copy to the host, by device type (a copy
 #: to the host waits for the device, so on CUDA the host prepares later batches meanwhile).
 PENDING_BATCHES = {"cpu": 1, "cuda": 16}
@@ -32,9 +35,23 @@ def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
     return batch_size or BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
 
 
-def token_budget(device: torch.device, max_tokens: int | None = None) -> int:
-    """``max_tokens`` if given, else the default encoder token budget for ``device``."""
-    return max_tokens or MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
+def token_budget(device: torch.device, max_tokens: int | None = None, *, config=None) -> int:
+    """``max_tokens`` if given, else the default encoder token budget for ``device``.
+
+    With a model ``config`` on CUDA, the budget shrinks for encoders whose feed-forward layer
+    (``enc_dim x enc_ff_mult``, the largest activation per token) is wider than
+    ``REFERENCE_FF_WIDTH``, in proportion and rounded down to a power of two, so that a batch's
+    activations stay about the same size: 262,144 tokens up to xtrimo-10m, 65,536 for
+    xtrimo-100m and the authors' released 100M model.
+    """
+    if max_tokens:
+        return max_tokens
+    budget = MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
+    if device.type == "cuda" and config is not None:
+        ff = config.enc_dim * config.enc_ff_mult
+        if ff > REFERENCE_FF_WIDTH:
+            budget = 1 << int(math.log2(budget * REFERENCE_FF_WIDTH / ff))
+    return budget
 
 
 def resolve_model(model, device: torch.device):

@@ -134,8 +134,10 @@ def embed(
         Most cells per encoder batch; defaults to 1 on CPU (fastest there, by measurement) and
         256 on CUDA.
     max_tokens
-        Most tokens (cells x longest cell in the batch) per batch; defaults to 4,096 on CPU and
-        262,144 on CUDA. On CUDA, an out-of-memory batch is halved and retried.
+        Most tokens (cells x longest cell in the batch) per batch; defaults to 4,096 on CPU and,
+        on CUDA, 262,144 for encoders up to xtrimo-10m's width and less for wider ones (65,536
+        for xtrimo-100m and the authors' 100M model). On CUDA, an out-of-memory batch is halved
+        and retried.
     device
         ``"auto"`` (CUDA if available, with bf16 autocast), ``"cpu"`` or ``"cuda"``.
     pooling
@@ -209,7 +211,7 @@ def embed(
     try:
         net = resolve_model(model, dev)
         check_pooling(pooling, net.config)
-        budget, cells = token_budget(dev, max_tokens), batch_cells(dev, batch_size)
+        budget, cells = token_budget(dev, max_tokens, config=net.config), batch_cells(dev, batch_size)
         out = np.zeros((data.n_obs, net.embedding_width(pooling)), dtype=np.float32)
         bar = tqdm(total=data.n_obs, desc="embed", unit="cell", disable=not progress or not ctx.is_main)
         blocks = model_input_blocks(prep, net.config, bulk=bulk, median=median, target_depth=target_depth,
