@@ -20,7 +20,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -113,13 +112,15 @@ def main() -> None:
     n_train = int((corpus.split == 0).sum())
     runs = meta.get("history_before", []) + ([meta["this_run"]] if "this_run" in meta else [])
     args_last = runs[-1]["args"] if runs else {}
+    depth_design = ("**depth tokens** T and S (the authors' released design)" if cfg.depth_tokens
+                    else "no depth tokens")
     card = f"""# Model card: xtrimo-3m (bundled default)
 
 The default checkpoint of scxtrimo, shipped inside the package (no download).
 
 | | |
 |---|---|
-| architecture | xTrimoGene-3M (appendix Table 2): encoder 4 layers / 2 heads / 128 wide (full attention over expressed genes), Performer decoder 2 / 2 / 128 over all genes; feed-forward 2x width; {cfg.nb_features} random features; 100 auto-discretization bins; {'**depth tokens** T and S (the authors\' released design)' if cfg.depth_tokens else 'no depth tokens'} |
+| architecture | xTrimoGene-3M (appendix Table 2): encoder 4 layers / 2 heads / 128 wide (full attention over expressed genes), Performer decoder 2 / 2 / 128 over all genes; feed-forward 2x width; {cfg.nb_features} random features; 100 auto-discretization bins; {depth_design} |
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
