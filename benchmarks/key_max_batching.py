@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import numpy as np
 import torch
@@ -58,15 +59,6 @@ def inputs(n_cells: int) -> torch.Tensor:
     return torch.from_numpy(vec.astype(np.float32))
 
 
-def batch_max_features(x, projection, *, is_query):
-    """``softmax_features`` with the authors' batched key maximum (one over the whole pass)."""
-    c = x.shape[-1] ** -0.25
-    u = torch.einsum("bhnd,md->bhnm", c * x, projection.type_as(x))
-    diag = (x * x).sum(-1, keepdim=True) * (c * c / 2.0)
-    top = u.amax(dim=-1, keepdim=True) if is_query else u.amax()
-    return projection.shape[0] ** -0.5 * (torch.exp(u - diag - top) + 1e-4)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=12)
@@ -88,7 +80,7 @@ def main() -> None:
         own_states, own_pred = net.gene_context(vec)  # per-cell maximum: batch-independent
         one_states, _ = net.gene_context(vec[:1])
         per_cell = dec.softmax_features
-        dec.softmax_features = batch_max_features
+        dec.softmax_features = partial(per_cell, key_dims=None)  # one maximum per pass
         try:
             shared_states, shared_pred = net.gene_context(vec)
         finally:

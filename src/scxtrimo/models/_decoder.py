@@ -8,7 +8,8 @@ from performer_pytorch.performer_pytorch import FastAttention, linear_attention
 from torch import nn
 
 
-def softmax_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
+def softmax_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: bool,
+                     key_dims: tuple[int, ...] | None = (1, 2, 3)) -> torch.Tensor:
     """Positive random features of the softmax kernel, with the key maximum taken per cell.
 
     ``x``: ``(B, h, N, dh)`` queries or keys; ``projection``: ``(m, dh)`` random features.
@@ -16,7 +17,8 @@ def softmax_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: boo
     ``c = dh**-0.25``. ``M`` is the maximum of ``u`` over the features of each query row, and
     for keys over everything one cell holds (every head, position and feature), so that a
     cell's features never depend on which cells share its batch (the authors' released model
-    takes it over the whole key tensor, which for one cell is the same). Returns ``(B, h, N, m)``.
+    takes it over the whole key tensor, which for one cell is the same; ``key_dims=None`` does
+    that for a whole batch, as the authors' batched mode). Returns ``(B, h, N, m)``.
     """
     c = x.shape[-1] ** -0.25
     u = torch.einsum("bhnd,md->bhnm", c * x, projection.type_as(x))  # (B, h, N, m)
@@ -24,7 +26,7 @@ def softmax_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: boo
     if is_query:
         top = u.amax(dim=-1, keepdim=True)
     else:
-        top = u.amax(dim=(1, 2, 3), keepdim=True)
+        top = u.amax() if key_dims is None else u.amax(dim=key_dims, keepdim=True)
     return projection.shape[0] ** -0.5 * (torch.exp(u - diag - top.detach()) + 1e-4)
 
 
