@@ -120,3 +120,24 @@ def test_resume_errors_are_clear(pbmc3k, tiny_config, tmp_path):
     # a finished run resumes to the same end point
     model, _ = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **kw)
     assert model.metadata["steps"] == 2
+
+
+def test_a_state_from_before_newer_settings_still_resumes(pbmc3k, tiny_config, tmp_path):
+    """Settings added to scxtrimo later (masking.max_visible, depth tokens, ...) are absent from an
+    older train_state.pt; their defaults reproduce the old run, so it resumes, and only a real
+    difference is refused."""
+    small = pbmc3k[:60].copy()
+    kw = dict(config=tiny_config, max_steps=3, batch_size=4, eval_every=0, eval_cells=4, progress=False)
+    scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", save_every=1, **kw)
+    path = tmp_path / "ck" / TRAIN_STATE
+    state = load_train_state(path)
+    del state["signature"]["masking"]["max_visible"]
+    for key in ("depth_tokens", "key_max", "out_norm"):
+        del state["signature"]["config"][key]
+    del state["signature"]["thinning"]
+    save_train_state(state, tmp_path / "ck")
+    model, _ = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **kw)
+    assert model.metadata["steps"] == 3
+    with pytest.raises(ValueError, match="settings differ.*max_visible"):
+        scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True,
+                             masking=scxtrimo.data.MaskingConfig(max_visible=50), **kw)

@@ -335,8 +335,8 @@ def annotate(
     gene_symbols
         ``var`` column with gene symbols if ``var_names`` are not symbols.
     max_tokens
-        Encoder token budget per batch (cells x longest cell; see :func:`scxtrimo.tl.embed`).
-        When fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
+        Encoder token budget per batch (cells x longest cell). ``None``: the default of
+        :func:`scxtrimo.tl.embed`, smaller on CUDA for encoders wider than xtrimo-10m. When fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
         this budget and their gradients are summed (gradient accumulation: the same step, with
         activation memory bounded by the budget instead of by ``batch_size`` x the deepest cell).
         On CUDA, a step that runs out of memory is run again with half the budget (and the
@@ -377,12 +377,12 @@ def annotate(
     """
     data = rna_modality(adata)
     dev = resolve_device(device)
-    budget = token_budget(dev, max_tokens)
     if labels_key is not None and labels_key not in data.obs:
         raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
 
     if isinstance(model, CellTypeClassifier):
         clf = model.to(dev)
+        budget = token_budget(dev, max_tokens, config=clf.backbone.config)
         X, prep = _collect(data, gene_symbols, clf.backbone)
         if use_rep is not None:
             if clf.freeze != "all":
@@ -433,6 +433,7 @@ def annotate(
 
     torch.manual_seed(random_state)
     backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
+    budget = token_budget(dev, max_tokens, config=backbone.config)
     X, prep = _collect(data, gene_symbols, backbone)
     clf = CellTypeClassifier(backbone, classes, freeze).to(dev)
     _set_trainable(clf, freeze)

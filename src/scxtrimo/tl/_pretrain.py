@@ -394,7 +394,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         "thinning": None if thinning is None else dict(thinning.__dict__),
     }
     if state is not None:
-        check_signature(state["signature"], signature)
+        check_signature(_with_defaults(state["signature"]), signature)
         D.load_model_state(model, state["model"])
     raw = model.to(dev).train()
     step, history, running, elapsed0 = 0, [], [], 0.0
@@ -533,6 +533,17 @@ class _MicroBatches:
             return False
         self.count = min(2 * self.count, cells)
         return True
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved run signature with the settings added to scxtrimo since it was written filled in
+    with their defaults (which reproduce the older behaviour), so that such a run still resumes."""
+    saved = dict(saved)
+    saved["masking"] = {**MaskingConfig().__dict__, **saved.get("masking", {})}
+    saved["config"] = XTrimoGeneConfig.from_dict(saved["config"]).to_dict()
+    if saved.get("thinning") is not None:
+        saved["thinning"] = {**ThinningConfig().__dict__, **saved["thinning"]}
+    return saved
 
 
 def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking, random_state, grad_accum_steps,
