@@ -102,3 +102,17 @@ def test_depth_aware_pretraining_trains_a_depth_token_model(pbmc3k, tiny_config)
     fresh = XTrimoGene(cfg).gene_embedding.weight[-3:-1]
     assert not torch.allclose(trained.cpu(), fresh)
     scxtrimo.tl.embed(small[:20], model=model, pooling="all", progress=False)
+
+
+def test_pretrain_continues_a_named_checkpoint(pbmc3k):
+    """model="xtrimo-3m" loads the bundled weights and continues them (adaptation to a data set);
+    the bundled checkpoint itself is untouched."""
+    bundled = scxtrimo.models.load("xtrimo-3m")
+    model, hist = scxtrimo.tl.pretrain(pbmc3k[:80].copy(), model="xtrimo-3m", max_steps=2, batch_size=8, lr=1e-3,
+                                       eval_every=0, eval_cells=8, decoder_zeros=64, progress=False, device="cpu")
+    assert model.config == bundled.config
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), bundled.state_dict()[k])]
+    assert moved, "training did not change the weights"
+    again = scxtrimo.models.load("xtrimo-3m")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in bundled.state_dict().items())
+    assert len(hist) >= 1 and np.isfinite(hist["val_mse"]).all()

@@ -31,6 +31,7 @@ from ..data._objective import counts_to_device, evaluate_masked, lr_factor, mask
 from ..data._prepare import counts_rows, prepare_input
 from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
 from ..models._config import XTrimoGeneConfig
+from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
 from . import _distributed as D
 from ._checkpoint import atomic_write_bytes, check_signature, load_train_state, save_train_state, state_path
@@ -126,7 +127,7 @@ def pretrain(
     data,
     *,
     config: str | XTrimoGeneConfig = "xtrimo-3m",
-    model: XTrimoGene | None = None,
+    model: XTrimoGene | str | os.PathLike | None = None,
     epochs: float = 1.0,
     max_steps: int | None = None,
     max_time: float | None = None,
@@ -208,8 +209,12 @@ def pretrain(
         Architecture for a new model: ``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"`` or a
         :class:`~scxtrimo.models.XTrimoGeneConfig`. Ignored when ``model`` is given.
     model
-        Continue training this model instead of starting from random weights (with
-        ``strategy="fsdp"`` on several processes it is sharded in place; use the returned model).
+        Continue training this model instead of starting from random weights: an
+        :class:`~scxtrimo.models.XTrimoGene` (trained in place; with ``strategy="fsdp"`` on
+        several processes it is sharded in place, so use the returned model), or a checkpoint
+        name or folder (``"xtrimo-3m"``), loaded as :func:`scxtrimo.models.load` does.
+        Continuing a pretrained model on the data set at hand (a few epochs) adapts it to that
+        data set before :func:`scxtrimo.tl.embed`, as scVI is trained per data set.
     epochs, max_steps, max_time
         Stop after ``epochs`` passes over the training cells, ``max_steps`` optimizer steps, or
         ``max_time`` seconds of wall time (rank 0's clock, summed over resumed segments),
@@ -377,6 +382,8 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
           save_every, callback, decoder_zeros=None, thinning=None):
     if model is None:
         model = XTrimoGene(config)
+    elif not isinstance(model, XTrimoGene):
+        model = load_model(model)
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
