@@ -2,7 +2,8 @@
 
 The paper's clustering protocol (appendix 4, ``scxtrimo.tl.evaluate_clustering``: kNN graph,
 Leiden with the resolution bisected to the number of labelled types, ARI / NMI / homogeneity /
-completeness / silhouette) on every labelled shared data set, for several Leiden seeds:
+completeness / silhouette), plus ``depth_r2`` (how much of the embedding two depth numbers per
+cell explain linearly), on every labelled shared data set, for several Leiden seeds:
 
 * pbmc3k (8 types);
 * Zheng 2017 FACS-sorted PBMC, fastTopics subsample (10 types) and MUDAN subsample (9 types;
@@ -47,6 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from sklearn import metrics
+from sklearn.linear_model import LinearRegression
 from sklearn.neighbors import NearestNeighbors
 
 import scxtrimo
@@ -144,6 +146,18 @@ def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
     return out
 
 
+def thin_to(adata: ad.AnnData, total: float, seed: int = 0) -> ad.AnnData:
+    """Every cell's counts binomially thinned to at most ``total`` (cells left empty dropped)."""
+    X = sp.csr_matrix(adata.X, dtype=np.float64)
+    p = np.minimum(1.0, total / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0))
+    Y = X.copy()
+    Y.data = np.random.default_rng(seed).binomial(X.data.astype(np.int64), np.repeat(p, np.diff(X.indptr)))
+    Y = sp.csr_matrix(Y, dtype=np.float32)
+    Y.eliminate_zeros()
+    keep = np.diff(Y.indptr) > 0
+    return ad.AnnData(Y[keep], obs=adata.obs[keep].copy(), var=adata.var.copy())
+
+
 def adapt(model, adata, minutes: float, decoder_zeros: int, device):
     """A copy of ``model`` whose masked-value pretraining continued on ``adata`` for ``minutes``
     (the data set's own 96% training split; the embedding then covers every cell, as scVI's does)."""
@@ -188,11 +202,20 @@ def scvi_latent(adata, seed: int) -> np.ndarray:
     return m.get_latent_representation()
 
 
+def depth_r2(adata, rep: np.ndarray) -> float:
+    """R² of a linear fit of the embedding on log expressed genes and log total counts (0: no
+    sequencing-depth signal; PCA of log-normalized HVGs is near 0.03)."""
+    X = sp.csr_matrix(adata.X)
+    depth = np.c_[np.log1p(np.diff(X.indptr)), np.log1p(np.asarray(X.sum(1)).ravel())]
+    return float(LinearRegression().fit(depth, rep).score(depth, rep))
+
+
 def score(adata, rep: np.ndarray, seed: int, batch_key: str | None) -> dict:
     a = ad.AnnData(obs=adata.obs[["cell_type"] + ([batch_key] if batch_key else [])].copy())
     a.obsm["E"] = np.asarray(rep, dtype=np.float32)
     s = scxtrimo.tl.evaluate_clustering(a, labels_key="cell_type", use_rep="E", random_state=seed)
     s = {k: s[k] for k in ("ari", "nmi", "homogeneity", "completeness", "silhouette")}
+    s["depth_r2"] = depth_r2(adata, a.obsm["E"])
     if batch_key:
         s |= batch_mixing(a.obsm["E"], a.obs[batch_key].astype(str).to_numpy(), a.obs["cell_type"].astype(str).to_numpy())
     return s
@@ -212,6 +235,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/embedding_quality.csv")
     ap.add_argument("--cache", default="runs/embq_cache")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--thin-to", type=float, default=0.0,
+                    help="first thin every cell binomially to at most this many counts (seeded; data sets named SET@N)")
     ap.add_argument("--adapt-minutes", type=float, default=0.0,
                     help="also score every checkpoint after continuing its pretraining on each set for this many "
                          "minutes (tl.pretrain(adata, model=...), batch 16, lr 3e-4, the bundled run's decoder context)")
@@ -255,6 +280,9 @@ def main() -> None:
         if set_name in sub:
             adata = stratified_sample(adata, sub[set_name], ["cell_type"] + ([batch_key] if batch_key else []))
             print(f"{set_name}: a stratified sample of {adata.n_obs} cells", flush=True)
+        if args.thin_to:
+            adata = thin_to(adata, args.thin_to)
+            set_name = f"{set_name}@{args.thin_to:g}"
         n = adata.n_obs
         reps: dict[str, np.ndarray] = {}
         for label, net in models:
