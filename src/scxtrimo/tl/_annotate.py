@@ -336,7 +336,8 @@ def annotate(
         ``var`` column with gene symbols if ``var_names`` are not symbols.
     max_tokens
         Encoder token budget per batch (cells x longest cell). ``None``: the default of
-        :func:`scxtrimo.tl.embed`, smaller on CUDA for encoders wider than xtrimo-10m. When fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
+        :func:`scxtrimo.tl.embed`, smaller on CUDA for encoders wider than xtrimo-10m. When
+        fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
         this budget and their gradients are summed (gradient accumulation: the same step, with
         activation memory bounded by the budget instead of by ``batch_size`` x the deepest cell).
         On CUDA, a step that runs out of memory is run again with half the budget (and the

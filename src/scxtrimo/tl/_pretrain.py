@@ -304,7 +304,8 @@ def pretrain(
         ``save_dir``; ``resume`` without a saved training state, or with settings (model
         configuration, batch size, learning-rate schedule, masking, seed, data, ...) that
         differ from the saved run's; the alignment and validation errors of
-        :func:`scxtrimo.pp.align_genes`.
+        :func:`scxtrimo.pp.align_genes`; the errors of :func:`scxtrimo.models.load` for a
+        ``model`` name or folder that is not a valid checkpoint.
     RuntimeError
         ``strategy="fsdp"`` on a device / backend where torch refuses FSDP.
     """
