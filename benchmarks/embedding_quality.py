@@ -53,6 +53,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import scxtrimo
 from scxtrimo._inference import batch_cells, map_cells, token_budget
+from scxtrimo.data import cell_keys, thin_counts
 from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 from scxtrimo.tl._clustering import pca_baseline
 
@@ -146,14 +147,16 @@ def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
     return out
 
 
-def thin_to(adata: ad.AnnData, total: float, seed: int = 0) -> ad.AnnData:
-    """Every cell's counts binomially thinned to at most ``total`` (cells left empty dropped)."""
-    X = sp.csr_matrix(adata.X, dtype=np.float64)
-    p = np.minimum(1.0, total / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0))
-    Y = X.copy()
-    Y.data = np.random.default_rng(seed).binomial(X.data.astype(np.int64), np.repeat(p, np.diff(X.indptr)))
-    Y = sp.csr_matrix(Y, dtype=np.float32)
-    Y.eliminate_zeros()
+def thin_to(adata: ad.AnnData, total: float, seed: int = 0, block: int = 256) -> ad.AnnData:
+    """Every cell's counts binomially thinned to at most ``total`` (``scxtrimo.data.thin_counts``,
+    keyed by ``seed`` and the cell's row; cells left empty dropped)."""
+    X = sp.csr_matrix(adata.X)
+    frac = torch.from_numpy(np.minimum(1.0, total / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)))
+    keys = cell_keys(seed, 0, np.arange(X.shape[0]))
+    parts = [sp.csr_matrix(thin_counts(torch.from_numpy(X[i : i + block].toarray()), frac[i : i + block],
+                                       keys[i : i + block]).numpy())
+             for i in range(0, X.shape[0], block)]
+    Y = sp.vstack(parts, format="csr")
     keep = np.diff(Y.indptr) > 0
     return ad.AnnData(Y[keep], obs=adata.obs[keep].copy(), var=adata.var.copy())
 
@@ -202,20 +205,24 @@ def scvi_latent(adata, seed: int) -> np.ndarray:
     return m.get_latent_representation()
 
 
-def depth_r2(adata, rep: np.ndarray) -> float:
-    """R² of a linear fit of the embedding on log expressed genes and log total counts (0: no
-    sequencing-depth signal; PCA of log-normalized HVGs is near 0.03)."""
+def depth_features(adata) -> np.ndarray:
+    """``(n_obs, 2)``: log expressed genes and log total counts of every cell."""
     X = sp.csr_matrix(adata.X)
-    depth = np.c_[np.log1p(np.diff(X.indptr)), np.log1p(np.asarray(X.sum(1)).ravel())]
+    return np.c_[np.log1p(np.diff(X.indptr)), np.log1p(np.asarray(X.sum(1)).ravel())]
+
+
+def depth_r2(depth: np.ndarray, rep: np.ndarray) -> float:
+    """R² of a linear fit of the embedding on :func:`depth_features` (0: no sequencing-depth
+    signal; PCA of log-normalized HVGs is near 0.03)."""
     return float(LinearRegression().fit(depth, rep).score(depth, rep))
 
 
-def score(adata, rep: np.ndarray, seed: int, batch_key: str | None) -> dict:
+def score(adata, rep: np.ndarray, seed: int, batch_key: str | None, depth: np.ndarray | None = None) -> dict:
     a = ad.AnnData(obs=adata.obs[["cell_type"] + ([batch_key] if batch_key else [])].copy())
     a.obsm["E"] = np.asarray(rep, dtype=np.float32)
     s = scxtrimo.tl.evaluate_clustering(a, labels_key="cell_type", use_rep="E", random_state=seed)
     s = {k: s[k] for k in ("ari", "nmi", "homogeneity", "completeness", "silhouette")}
-    s["depth_r2"] = depth_r2(adata, a.obsm["E"])
+    s["depth_r2"] = depth_r2(depth_features(adata) if depth is None else depth, a.obsm["E"])
     if batch_key:
         s |= batch_mixing(a.obsm["E"], a.obs[batch_key].astype(str).to_numpy(), a.obs["cell_type"].astype(str).to_numpy())
     return s
@@ -284,6 +291,7 @@ def main() -> None:
             adata = thin_to(adata, args.thin_to)
             set_name = f"{set_name}@{args.thin_to:g}"
         n = adata.n_obs
+        depth = depth_features(adata)
         reps: dict[str, np.ndarray] = {}
         for label, net in models:
             key = cache / f"{set_name}_{n}_{(net.checkpoint_sha256 or label)[:16]}.npz"
@@ -313,7 +321,7 @@ def main() -> None:
             reps["PCA (2,000 HVGs, 50 PCs)"] = pca_baseline(adata).obsm["X_pca"]
         for rep_name, e in reps.items():
             for seed in args.seeds:
-                emit(dataset=set_name, method=rep_name, seed=seed, cells=n, **score(adata, e, seed, batch_key))
+                emit(dataset=set_name, method=rep_name, seed=seed, cells=n, **score(adata, e, seed, batch_key, depth))
         if "scvi" in args.baselines:
             for train_seed in args.scvi_seeds:
                 key = cache / f"{set_name}_{n}_scvi_{train_seed}.npy"
@@ -326,7 +334,7 @@ def main() -> None:
                     print(f"{set_name}: scVI seed {train_seed} trained in {time.perf_counter() - t:.0f} s", flush=True)
                 for seed in args.seeds:
                     emit(dataset=set_name, method="scVI (defaults)", seed=seed, scvi_seed=train_seed, cells=n,
-                         **score(adata, z, seed, batch_key))
+                         **score(adata, z, seed, batch_key, depth))
 
     summarize(pd.DataFrame(rows))
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import rna_modality
 from .._device import autocast
+from .._inference import resolve_model
 from .._oom import retry_on_oom
 from .._version import __version__
 from ..data._depth import ThinningConfig
@@ -31,7 +32,6 @@ from ..data._objective import counts_to_device, evaluate_masked, lr_factor, mask
 from ..data._prepare import counts_rows, prepare_input
 from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
 from ..models._config import XTrimoGeneConfig
-from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene
 from . import _distributed as D
 from ._checkpoint import atomic_write_bytes, check_signature, load_train_state, save_train_state, state_path
@@ -381,10 +381,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
           max_steps, max_time, batch_size, lr, weight_decay, warmup_steps, grad_clip, masking, eval_every,
           min_genes, random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing,
           save_every, callback, decoder_zeros=None, thinning=None):
-    if model is None:
-        model = XTrimoGene(config)
-    elif not isinstance(model, XTrimoGene):
-        model = load_model(model)
+    model = XTrimoGene(config) if model is None else resolve_model(model, dev)
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
