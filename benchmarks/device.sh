@@ -8,8 +8,11 @@
 #
 # The pretraining run of scripts/train_device.py with the same set-up (first in a device session):
 #
-#   run(command="bash benchmarks/device.sh train --minutes 6 --config xtrimo-10m --depth-tokens ...",
-#       carry=[".whl", "runs/corpus.xtc"], timeout_s=480)
+#   run(command="bash benchmarks/device.sh train --minutes 6 --init runs/init-10m ...",
+#       carry=[".whl", "runs/corpus.xtc", "runs/init-10m"], timeout_s=480)
+#
+# (runs/init-10m: `python scripts/train_device.py init --corpus runs/corpus.xtc --config xtrimo-10m
+# --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock)
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
 # with timeout_s=320.

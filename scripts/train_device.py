@@ -6,9 +6,15 @@ scikit-learn, safetensors and performer-pytorch (carried as wheels there). Usage
     # once, here: pack every broad-coverage shared data set (about 32 MB)
     scxtrimo corpus runs/corpus.xtc ../shared/data/*/*.h5ad --exclude gasperini papalexi
 
-    # train (on the device: OUT=$OUT; here: any folder)
+    # here: a new model whose gene embedding starts from the corpus's co-expression (the SVD
+    # takes about 140 s for xtrimo-10m on two cores, better not spent on the device)
+    python scripts/train_device.py init --corpus runs/corpus.xtc --config xtrimo-10m --depth-tokens \\
+        --out runs/init-10m
+
+    # train (on the device: OUT=$OUT; here: any folder); without --init a new model is built
+    # there (its gene embedding by --gene-init, co-expression by default)
     python scripts/train_device.py train --corpus runs/corpus.xtc --out $OUT --minutes 8 \\
-        --config xtrimo-10m --depth-tokens --batch-size 64
+        --init runs/init-10m --batch-size 64
 
     # here, after the call: turn the returned files into a checkpoint folder
     python scripts/train_device.py merge FILES_AT runs/xtrimo-10m-gpu
@@ -47,6 +53,7 @@ from scxtrimo.data._corpus import load_corpus  # noqa: E402
 from scxtrimo.data._depth import ThinningConfig  # noqa: E402
 from scxtrimo.data._masking import MaskingConfig  # noqa: E402
 from scxtrimo.models._config import XTrimoGeneConfig, get_config  # noqa: E402
+from scxtrimo.models._gene_init import init_gene_embedding  # noqa: E402
 from scxtrimo.models._io import canonical_state  # noqa: E402
 from scxtrimo.models._xtrimogene import POOLINGS, XTrimoGene  # noqa: E402
 
@@ -149,7 +156,7 @@ def pbmc3k_score(model: XTrimoGene, corpus, device: torch.device, *, seeds=(0, 1
     return out
 
 
-def build_model(args) -> XTrimoGene:
+def build_model(args, corpus=None, log=print) -> XTrimoGene:
     if args.init:
         init = Path(args.init)
         if (init / "model.safetensors").is_file():
@@ -165,7 +172,13 @@ def build_model(args) -> XTrimoGene:
     if args.nb_features is not None:
         overrides["nb_features"] = args.nb_features
     cfg = XTrimoGeneConfig.from_dict({**cfg.to_dict(), **overrides})
-    return XTrimoGene(cfg)
+    model = XTrimoGene(cfg)
+    if args.gene_init == "coexpression":
+        t = time.perf_counter()
+        n = init_gene_embedding(model, corpus.model_input(corpus.rows("train")), random_state=args.seed)
+        log(f"gene embedding: {n} genes from co-expression of the training cells ({time.perf_counter() - t:.1f} s)")
+        model.metadata = {"gene_init": "coexpression"}
+    return model
 
 
 def train(args) -> None:
@@ -188,7 +201,7 @@ def train(args) -> None:
     t_load = time.perf_counter()
     corpus = load_corpus(args.corpus)
     log(f"corpus {args.corpus}: {len(corpus)} cells, {corpus.counts.nnz} non-zeros, loaded in {time.perf_counter() - t_load:.1f} s")
-    model = build_model(args)
+    model = build_model(args, corpus, log)
     log(f"model {model.config.name} depth_tokens={model.config.depth_tokens} parameters={model.n_parameters():,} "
         f"init={args.init or 'random'} device={device}")
     thinning = ThinningConfig(p_thin=args.p_thin) if args.p_thin > 0 else None
@@ -206,7 +219,8 @@ def train(args) -> None:
                 "minutes": round(minutes_before + float(last.get("elapsed_s", 0.0)) / 60, 2),
                 "this_run": {"device": str(device), "corpus": Path(args.corpus).name, "args": vars(args)},
                 "history_before": prior.get("history_before", []) + ([prior["this_run"]] if "this_run" in prior else []),
-                "val_mse": last.get("val_mse"), "val_pearson": last.get("val_pearson")}
+                "val_mse": last.get("val_mse"), "val_pearson": last.get("val_pearson"),
+                **({"gene_init": prior["gene_init"]} if "gene_init" in prior else {})}
 
     def on_eval(history) -> None:
         save_sharded(model, out, metadata=meta(history))
@@ -229,6 +243,19 @@ def train(args) -> None:
     logf.close()
 
 
+def init(args) -> None:
+    """A new model (``--config``, ``--depth-tokens``, ``--gene-init``) saved as a float16 checkpoint
+    folder, so that a device call can start from it (``train --init``) without spending device
+    time on the co-expression SVD (about 140 s for xtrimo-10m here)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.init = None
+    model = build_model(args, load_corpus(args.corpus))
+    folder = model.save(args.out, dtype=torch.float16, metadata=model.metadata)
+    size = (Path(folder) / "model.safetensors").stat().st_size / 2**20
+    print(f"wrote {args.out}: {model.config.name}, {model.n_parameters():,} parameters, {size:.1f} MiB")
+
+
 def merge(args) -> None:
     model = load_sharded(Path(args.src))
     model.save(args.dest, metadata=model.metadata)
@@ -239,13 +266,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train for --minutes and write the outputs into --out")
-    t.add_argument("--corpus", required=True)
+    i = sub.add_parser("init", help="write a new model (gene embedding initialised here) as a checkpoint folder --out")
+    for p in (t, i):
+        p.add_argument("--corpus", required=True)
+        p.add_argument("--config", default="xtrimo-10m")
+        p.add_argument("--depth-tokens", action="store_true", help="a new model with the T and S depth tokens")
+        p.add_argument("--nb-features", type=int, default=None)
+        p.add_argument("--gene-init", choices=("random", "coexpression"), default="coexpression",
+                       help="a new model's gene embedding: random, or co-expression coordinates of the training cells")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=0)
+    i.add_argument("--out", required=True)
     t.add_argument("--out", default=os.environ.get("OUT", "runs/device"))
     t.add_argument("--minutes", type=float, default=8.0)
-    t.add_argument("--config", default="xtrimo-10m")
-    t.add_argument("--depth-tokens", action="store_true", help="a new model with the T and S depth tokens")
     t.add_argument("--p-thin", type=float, default=0.5, help="share of cells thinned per step (0: no thinning)")
-    t.add_argument("--nb-features", type=int, default=None)
     t.add_argument("--init", default=None, help="continue from a checkpoint folder (or a folder of this script's shards)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
@@ -256,15 +290,13 @@ def main(argv=None) -> None:
     t.add_argument("--eval-every-s", type=float, default=60.0)
     t.add_argument("--eval-cells", type=int, default=256)
     t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--score-cells", type=int, default=None, help="pbmc3k cells to score at the end (default all; 0: none)")
     t.add_argument("--device", default="auto")
-    t.add_argument("--threads", type=int, default=0)
     m = sub.add_parser("merge", help="turn a train --out folder into a checkpoint folder")
     m.add_argument("src")
     m.add_argument("dest")
     args = ap.parse_args(argv)
-    (train if args.cmd == "train" else merge)(args)
+    {"train": train, "init": init, "merge": merge}[args.cmd](args)
 
 
 if __name__ == "__main__":

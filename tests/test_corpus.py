@@ -111,6 +111,7 @@ def test_device_script_trains_writes_outputs_and_merges(packed, tmp_path):
                    check=True, env=subprocess_env(), capture_output=True, timeout=300)
     model = scxtrimo.models.load(ckpt)
     assert model.config.depth_tokens and model.metadata["cells_seen"] == 12
+    assert model.metadata["gene_init"] == "coexpression"  # the script's default for a new model
     adata = packed[3][0][:30].copy()
     scxtrimo.tl.embed(adata, model=model, pooling="all", progress=False)
     assert adata.obsm["X_xtrimo"].shape == (30, 4 * 128)
