@@ -166,3 +166,18 @@ def test_cellbench_deep_cells(cellbench, model):
     scxtrimo.tl.embed(deep, model=model, progress=False)
     assert deep.obsm["X_xtrimo"].shape == (40, 128)
     assert deep.uns["xtrimo"]["params"]["n_genes_matched"] > 14_000
+
+
+def test_default_pooling_is_the_checkpoints_choice(small, model):
+    """pooling=None takes the checkpoint's metadata['pooling'] (max when it has none)."""
+    import copy
+
+    chosen = copy.deepcopy(model)
+    chosen.metadata = {"pooling": "mean"}
+    assert model.default_pooling == "max" and chosen.default_pooling == "mean"
+    scxtrimo.tl.embed(small, model=chosen, progress=False)
+    assert small.uns["xtrimo"]["params"]["pooling"] == "mean"
+    scxtrimo.tl.embed(small, model=model, pooling="mean", key_added="X_mean", progress=False)
+    np.testing.assert_array_equal(small.obsm["X_xtrimo"], small.obsm["X_mean"])
+    chosen.metadata = {"pooling": "cls"}  # not a pooling: the paper's max
+    assert chosen.default_pooling == "max"

@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="xtrimo-3m", help="checkpoint name or folder (default: xtrimo-3m, bundled)")
     e.add_argument("--batch-size", type=int, default=None, help="most cells per batch (default: 1 on CPU, 256 on CUDA)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    e.add_argument("--pooling", default="max", choices=["max", "mean", "all"])
+    e.add_argument("--pooling", default=None, choices=["max", "mean", "all"],
+                   help="default: the checkpoint's own choice (the bundled xtrimo-3m: mean), else max")
     e.add_argument("--target-depth", type=float, default=4.0, help="depth-token models: the target depth T (default 4)")
     e.add_argument("--target-depth-mode", default="fixed", choices=["fixed", "scale", "offset"])
     e.add_argument("--bulk", default=None, choices=["counts", "normalized"],

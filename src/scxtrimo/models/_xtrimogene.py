@@ -88,6 +88,14 @@ class XTrimoGene(nn.Module):
         """Width ``d`` of the encoder outputs (the cell embedding with ``"max"`` or ``"mean"`` pooling)."""
         return self.config.enc_dim
 
+    @property
+    def default_pooling(self) -> str:
+        """The pooling :func:`scxtrimo.tl.embed` and :func:`scxtrimo.tl.annotate` use unless told:
+        the checkpoint's own choice (``metadata["pooling"]``, set where the benchmark measured it
+        best), else ``"max"``, the paper's."""
+        chosen = (self.metadata or {}).get("pooling")
+        return chosen if chosen in POOLINGS else "max"
+
     def embedding_width(self, pooling: str = "max") -> int:
         """Width of the cell embedding for ``pooling``: ``d``, or ``4 d`` for ``"all"``."""
         check_pooling(pooling, self.config)

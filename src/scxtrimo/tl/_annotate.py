@@ -1,6 +1,6 @@
 """Cell-type annotation by fine-tuning the xTrimoGene encoder (paper section 5.4.1, appendix 8.1).
 
-Encoder, max pooling over genes, one linear layer; trained on a stratified 8:1:1 split with
+Encoder, pooling over genes (the checkpoint's default: max in the paper), one linear layer; trained on a stratified 8:1:1 split with
 early stopping on validation macro-F1.
 """
 
@@ -38,7 +38,7 @@ WARM_START_PATIENCE = 6
 
 
 class CellTypeClassifier(nn.Module):
-    """xTrimoGene encoder + max pooling + one linear layer (appendix 8.1).
+    """xTrimoGene encoder + pooling over genes + one linear layer (appendix 8.1).
 
     Attributes
     ----------
@@ -287,8 +287,9 @@ def annotate(
 ):
     """Annotate cell types: fine-tune xTrimoGene on labelled cells, or apply a trained classifier.
 
-    Training (``labels_key`` given, ``model`` a checkpoint): the encoder plus max pooling plus
-    one linear layer is trained (paper section 5.4.1, appendix 8.1) on a stratified 8:1:1
+    Training (``labels_key`` given, ``model`` a checkpoint): the encoder plus pooling over genes
+    (the checkpoint's :attr:`~scxtrimo.models.XTrimoGene.default_pooling`, as in
+    :func:`scxtrimo.tl.embed`; max in the paper) plus one linear layer is trained (paper section 5.4.1, appendix 8.1) on a stratified 8:1:1
     train/validation/test split of the labelled cells, with class-weighted cross-entropy
     (rare types count as much as common ones), AdamW, and early stopping on validation macro-F1
     (the best epoch's weights are kept). Fine-tuning starts from a warm head: the linear layer is
@@ -436,7 +437,7 @@ def annotate(
     backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
     budget = token_budget(dev, max_tokens, config=backbone.config)
     X, prep = _collect(data, gene_symbols, backbone)
-    clf = CellTypeClassifier(backbone, classes, freeze).to(dev)
+    clf = CellTypeClassifier(backbone, classes, freeze, pooling=backbone.default_pooling).to(dev)
     _set_trainable(clf, freeze)
     counts = np.bincount(y_idx[split["train"]], minlength=len(classes)).astype(np.float64)
     weight = None

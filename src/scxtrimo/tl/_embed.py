@@ -93,7 +93,7 @@ def embed(
     batch_size: int | None = None,
     max_tokens: int | None = None,
     device: str = "auto",
-    pooling: str = "max",
+    pooling: str | None = None,
     key_added: str = "X_xtrimo",
     gene_symbols: str | None = None,
     target_depth: float = 4.0,
@@ -143,7 +143,9 @@ def embed(
     pooling
         ``"max"`` (the paper's) or ``"mean"`` over each cell's tokens; ``"all"`` (models with
         depth tokens only; the authors' default) concatenates the encoder outputs at S and T
-        with the max and the mean over the genes (``4 d`` numbers).
+        with the max and the mean over the genes (``4 d`` numbers). ``None`` (default): the
+        checkpoint's own choice (:attr:`~scxtrimo.models.XTrimoGene.default_pooling`; the
+        bundled ``xtrimo-3m`` uses ``"mean"``, measured best for it), else ``"max"``.
     key_added
         ``obsm`` key of the result.
     gene_symbols
@@ -196,7 +198,7 @@ def embed(
     KeyError
         ``total_counts_key`` is not a column of ``obs``.
     """
-    if pooling not in POOLINGS:
+    if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
     check_bulk(bulk, total_counts_key)
     data0 = rna_modality(adata)
@@ -210,6 +212,7 @@ def embed(
     ctx, dev = init_distributed(device)
     try:
         net = resolve_model(model, dev)
+        pooling = net.default_pooling if pooling is None else pooling
         check_pooling(pooling, net.config)
         budget, cells = token_budget(dev, max_tokens, config=net.config), batch_cells(dev, batch_size)
         out = np.zeros((data.n_obs, net.embedding_width(pooling)), dtype=np.float32)
