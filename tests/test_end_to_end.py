@@ -14,7 +14,7 @@ def embedded():
     scxtrimo.tl.embed(adata, model="xtrimo-3m", progress=False)
     torch.manual_seed(0)
     random = XTrimoGene(scxtrimo.models.load("xtrimo-3m").config)  # same architecture, random weights
-    scxtrimo.tl.embed(adata, model=random, key_added="X_random", progress=False)
+    scxtrimo.tl.embed(adata, model=random, key_added="X_random", pooling="mean", progress=False)  # the bundled one's
     return adata
 
 
@@ -22,10 +22,11 @@ def test_pretrained_beats_random_initialisation(embedded):
     trained = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_xtrimo")
     random = scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", use_rep="X_random")
     assert trained["n_clusters"] == random["n_clusters"] == 8
-    assert trained["ari"] > random["ari"] + 0.1, (trained, random)
-    # the floor: measured 0.204 with this checkpoint (Leiden seed 0; seeds 0-2: 0.204-0.220,
+    assert scxtrimo.models.load("xtrimo-3m").default_pooling == "mean"  # what tl.embed used for X_xtrimo
+    assert trained["ari"] > random["ari"] + 0.3, (trained, random)
+    # the floor: measured 0.464 with this checkpoint (Leiden seed 0; seeds 0-2: 0.42-0.47,
     # docs/benchmarks/embedding_quality.csv), less a margin for platform float differences
-    assert trained["ari"] >= 0.15, trained
+    assert trained["ari"] >= 0.38, trained
     assert trained["nmi"] > random["nmi"], (trained, random)
     params = embedded.uns["xtrimo"]["params"]
     assert params["key_added"] == "X_random" and params["model"] == "untrained"

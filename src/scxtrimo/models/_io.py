@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "e49ba4f8b1da0cd8f335d4f94c2dd584dcd335fed0ec6c66fbe466ded8293ab6",
+    "xtrimo-3m": "0505967a41d47aae0f6b6c8fbb0e08f9158712b9d6bb5bc0f49bafe5227c82a1",
 }
 
 
