@@ -156,8 +156,10 @@ def pbmc3k_score(model: XTrimoGene, corpus, device: torch.device, *, seeds=(0, 1
     return out
 
 
-def build_model(args, corpus=None, log=print) -> XTrimoGene:
-    if args.init:
+def build_model(args, corpus, log=print) -> XTrimoGene:
+    """The model a run starts from: ``--init``'s weights, or a new one (``--config``,
+    ``--depth-tokens``, ``--gene-init`` from the corpus's training cells)."""
+    if getattr(args, "init", None):
         init = Path(args.init)
         if (init / "model.safetensors").is_file():
             from scxtrimo.models._io import load
@@ -220,7 +222,7 @@ def train(args) -> None:
                 "this_run": {"device": str(device), "corpus": Path(args.corpus).name, "args": vars(args)},
                 "history_before": prior.get("history_before", []) + ([prior["this_run"]] if "this_run" in prior else []),
                 "val_mse": last.get("val_mse"), "val_pearson": last.get("val_pearson"),
-                **({"gene_init": prior["gene_init"]} if "gene_init" in prior else {})}
+                **{k: prior[k] for k in ("gene_init",) if k in prior}}
 
     def on_eval(history) -> None:
         save_sharded(model, out, metadata=meta(history))
@@ -249,7 +251,6 @@ def init(args) -> None:
     time on the co-expression SVD (about 140 s for xtrimo-10m here)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.init = None
     model = build_model(args, load_corpus(args.corpus))
     folder = model.save(args.out, dtype=torch.float16, metadata=model.metadata)
     size = (Path(folder) / "model.safetensors").stat().st_size / 2**20

@@ -1,7 +1,7 @@
 """Cell-type annotation by fine-tuning the xTrimoGene encoder (paper section 5.4.1, appendix 8.1).
 
-Encoder, pooling over genes (the checkpoint's default: max in the paper), one linear layer; trained on a stratified 8:1:1 split with
-early stopping on validation macro-F1.
+Encoder, pooling over genes (the checkpoint's default; max in the paper), one linear layer;
+trained on a stratified 8:1:1 split with early stopping on validation macro-F1.
 """
 
 from __future__ import annotations
@@ -289,9 +289,10 @@ def annotate(
 
     Training (``labels_key`` given, ``model`` a checkpoint): the encoder plus pooling over genes
     (the checkpoint's :attr:`~scxtrimo.models.XTrimoGene.default_pooling`, as in
-    :func:`scxtrimo.tl.embed`; max in the paper) plus one linear layer is trained (paper section 5.4.1, appendix 8.1) on a stratified 8:1:1
-    train/validation/test split of the labelled cells, with class-weighted cross-entropy
-    (rare types count as much as common ones), AdamW, and early stopping on validation macro-F1
+    :func:`scxtrimo.tl.embed`; max in the paper) plus one linear layer is trained (paper section
+    5.4.1, appendix 8.1) on a stratified 8:1:1 train/validation/test split of the labelled
+    cells, with class-weighted cross-entropy (rare types count as much as common ones), AdamW,
+    and early stopping on validation macro-F1
     (the best epoch's weights are kept). Fine-tuning starts from a warm head: the linear layer is
     first trained alone on the frozen starting embeddings (linear probing, then fine-tuning:
     LP-FT), and that probe is epoch 0 of early stopping, so the fine-tuned classifier is never
