@@ -210,7 +210,7 @@ def train(args) -> None:
     cfg = CorpusTrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                             decoder_zeros=args.decoder_zeros, thinning=thinning, eval_every_s=args.eval_every_s,
                             eval_cells=args.eval_cells, random_state=args.seed, max_steps=args.max_steps,
-                            masking=MaskingConfig(max_visible=args.max_visible))
+                            masking=MaskingConfig(max_visible=args.max_visible), gene_lr_scale=args.gene_lr_scale)
     prior = dict(model.metadata or {})
     seen_before = int(prior.get("cells_seen", 0))
     minutes_before = float(prior.get("minutes", prior.get("wall_time_s", 0.0) / 60))  # tl.pretrain records seconds
@@ -285,6 +285,8 @@ def main(argv=None) -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--gene-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the gene embedding (0 freezes it, keeping a co-expression start)")
     t.add_argument("--decoder-zeros", type=int, default=None)
     t.add_argument("--max-visible", type=int, default=None,
                    help="at most this many expressed genes visible to the encoder (the surplus is masked too)")

@@ -134,3 +134,37 @@ def test_sharded_weights_round_trip(tmp_path, monkeypatch, tiny_config):
         ref = v.half().float() if v.is_floating_point() else v
         torch.testing.assert_close(back.state_dict()[k], ref, rtol=0, atol=0)
     assert back.metadata == {"cells_seen": 5}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_gene_lr_scale_freezes_or_slows_the_gene_embedding(packed, tiny_config, scale):
+    """gene_lr_scale=0 leaves the gene table bit-identical (and trainable again afterwards) while
+    the encoder learns; a scale of 0.1 moves it about a tenth as far as the full rate does."""
+    from scxtrimo._train_corpus import CorpusTrainConfig, train_corpus
+
+    corpus = load_corpus(packed[0] / "c.xtc")
+
+    def run(gene_lr_scale):
+        torch.manual_seed(0)
+        model = scxtrimo.models.XTrimoGene(tiny_config)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = CorpusTrainConfig(minutes=5.0, batch_size=8, max_steps=3, warmup_steps=1, eval_every_s=1e9,
+                                eval_cells=8, lr=1e-3, gene_lr_scale=gene_lr_scale)
+        train_corpus(model, corpus, cfg, device=torch.device("cpu"), log=lambda m: None)
+        after = model.state_dict()
+        return model, {k: float((after[k] - before[k]).abs().max()) for k in before}
+
+    model, moved = run(scale)
+    assert moved["encoder.blocks.0.qkv.weight"] > 0 and model.gene_embedding.weight.requires_grad
+    if scale == 0:
+        assert moved["gene_embedding.weight"] == 0.0
+    else:
+        _, full = run(1.0)
+        assert 0 < moved["gene_embedding.weight"] < 0.2 * full["gene_embedding.weight"]
+
+
+def test_gene_lr_scale_must_not_be_negative(tiny_config):
+    from scxtrimo._train_corpus import param_groups
+
+    with pytest.raises(ValueError, match="gene_lr_scale must be >= 0"):
+        param_groups(scxtrimo.models.XTrimoGene(tiny_config), -1.0)

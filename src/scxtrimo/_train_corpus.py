@@ -47,6 +47,22 @@ class CorpusTrainConfig:
     eval_cells: int = 256
     random_state: int = 0
     max_steps: int | None = None
+    gene_lr_scale: float = 1.0
+    """Learning-rate multiplier of the gene embedding table (0 freezes it): a co-expression start
+    (:func:`~scxtrimo.models.init_gene_embedding`) can keep its structure while the encoder learns."""
+
+
+def param_groups(model: XTrimoGene, gene_lr_scale: float) -> list[dict]:
+    """AdamW parameter groups: the gene embedding table with ``lr_scale=gene_lr_scale`` (left out
+    when 0, so that it stays exactly as it is), everything else with ``lr_scale=1``."""
+    if gene_lr_scale < 0:
+        raise ValueError(f"gene_lr_scale must be >= 0 (0 freezes the gene embedding); got {gene_lr_scale}.")
+    gene = model.gene_embedding.weight
+    rest = [p for p in model.parameters() if p is not gene]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if gene_lr_scale > 0:
+        groups.append({"params": [gene], "lr_scale": float(gene_lr_scale)})
+    return groups
 
 
 def step_flops(model: XTrimoGene, counts: torch.Tensor, totals: torch.Tensor, cfg: CorpusTrainConfig) -> float:
@@ -144,12 +160,22 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
         encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
         training seconds excluding evaluations).
     """
+    gene = model.gene_embedding.weight
+    trainable = gene.requires_grad
+    gene.requires_grad_(cfg.gene_lr_scale > 0)  # frozen: no gradient, and none in the clipping norm
+    try:
+        return _train(model, corpus, cfg, device=device, on_eval=on_eval, log=log)
+    finally:
+        gene.requires_grad_(trainable)
+
+
+def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device, on_eval, log) -> dict:
     model.to(device).train()
     rows = corpus.rows("train")
     val = corpus.rows("validation")[: cfg.eval_cells]
     lengths = np.diff(corpus.counts.indptr)
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
     eval_s = 0.0
@@ -195,7 +221,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
                                               lambda: False, what="train_corpus FLOP count") / len(part)
                 del counts, totals
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, elapsed / budget)
+                group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
             loss, n_tok = retry_on_oom(lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count),
                                        lambda: micro.double(len(part)), what="train_corpus")
             step += 1
