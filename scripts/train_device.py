@@ -177,9 +177,10 @@ def build_model(args, corpus, log=print) -> XTrimoGene:
     model = XTrimoGene(cfg)
     if args.gene_init == "coexpression":
         t = time.perf_counter()
-        n = init_gene_embedding(model, corpus.model_input(corpus.rows("train")), random_state=args.seed)
+        n = init_gene_embedding(model, corpus.model_input(corpus.rows("train")), value_scale=args.value_scale,
+                                random_state=args.seed)
         log(f"gene embedding: {n} genes from co-expression of the training cells ({time.perf_counter() - t:.1f} s)")
-        model.metadata = {"gene_init": "coexpression"}
+        model.metadata = {"gene_init": "coexpression", **({"value_scale": args.value_scale} if args.value_scale != 1 else {})}
     return model
 
 
@@ -222,7 +223,7 @@ def train(args) -> None:
                 "this_run": {"device": str(device), "corpus": Path(args.corpus).name, "args": vars(args)},
                 "history_before": prior.get("history_before", []) + ([prior["this_run"]] if "this_run" in prior else []),
                 "val_mse": last.get("val_mse"), "val_pearson": last.get("val_pearson"),
-                **{k: prior[k] for k in ("gene_init",) if k in prior}}
+                **{k: prior[k] for k in ("gene_init", "value_scale") if k in prior}}
 
     def on_eval(history) -> None:
         save_sharded(model, out, metadata=meta(history))
@@ -275,6 +276,8 @@ def main(argv=None) -> None:
         p.add_argument("--nb-features", type=int, default=None)
         p.add_argument("--gene-init", choices=("random", "coexpression"), default="coexpression",
                        help="a new model's gene embedding: random, or co-expression coordinates of the training cells")
+        p.add_argument("--value-scale", type=float, default=1.0,
+                       help="with --gene-init coexpression: factor on the value embedding's table (init_gene_embedding)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=0)
     i.add_argument("--out", required=True)

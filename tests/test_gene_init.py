@@ -50,11 +50,15 @@ def test_init_sets_the_used_rows_and_keeps_the_rest(pbmc3k_prepared, tiny_config
     torch.manual_seed(0)
     model = XTrimoGene(tiny_config)
     before = model.gene_embedding.weight.detach().clone()
+    table = model.value_embedding.table.weight.detach().clone()
     n = init_gene_embedding(model, pbmc3k_prepared.X)
     after = model.gene_embedding.weight.detach()
     changed = (after != before).any(1).numpy()
     assert n == changed.sum() > 5000
     assert after[torch.from_numpy(changed)].std().item() == pytest.approx(0.5, rel=1e-3)
+    assert torch.equal(model.value_embedding.table.weight, table)  # value_scale=1: untouched
+    init_gene_embedding(model, pbmc3k_prepared.X, value_scale=10.0)
+    torch.testing.assert_close(model.value_embedding.table.weight, 10 * table)
     with pytest.raises(ValueError, match="reference genes"):
         init_gene_embedding(model, pbmc3k_prepared.X[:, :100])
 
