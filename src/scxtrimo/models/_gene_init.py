@@ -89,7 +89,8 @@ def init_gene_embedding(model, X, *, std: float = EMBEDDING_STD, value_scale: fl
 
     The rows of genes expressed in at least ``min_cells`` cells of ``X`` are replaced by their
     loadings, scaled so that their entries have standard deviation ``std``; the other rows
-    (and the depth tokens' rows) keep their current values. Call it on a new model before
+    (and the depth tokens' rows) keep their current values; with ``value_scale != 1`` the value
+    embedding's look-up table is multiplied by it as well. Call it on a new model before
     :func:`scxtrimo.tl.pretrain` (``model=``) or the corpus training script (``--gene-init``).
 
     Parameters
