@@ -180,7 +180,7 @@ def build_model(args, corpus, log=print) -> XTrimoGene:
         n = init_gene_embedding(model, corpus.model_input(corpus.rows("train")), value_scale=args.value_scale,
                                 random_state=args.seed)
         log(f"gene embedding: {n} genes from co-expression of the training cells ({time.perf_counter() - t:.1f} s)")
-        model.metadata = {"gene_init": "coexpression", **({"value_scale": args.value_scale} if args.value_scale != 1 else {})}
+        model.metadata = {"gene_init": "coexpression", "value_scale": args.value_scale}
     return model
 
 

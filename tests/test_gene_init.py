@@ -93,3 +93,5 @@ def test_pretrain_starts_from_the_coexpression_table(pbmc3k, tiny_config, pretra
                              max_steps=1, progress=False)
     with pytest.raises(ValueError, match="Unknown gene_init"):
         scxtrimo.tl.pretrain(pbmc3k[:50], config=tiny_config, gene_init="gene2vec", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="a new model"):  # not silently skipped (nor recorded) for a given model
+        scxtrimo.tl.pretrain(pbmc3k[:50], model=model, gene_init="coexpression", max_steps=1, progress=False)

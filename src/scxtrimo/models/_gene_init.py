@@ -17,7 +17,6 @@ from scipy.sparse.linalg import LinearOperator, svds
 
 MIN_CELLS = 10
 EMBEDDING_STD = 0.5
-VALUE_SCALE = 1.0
 
 
 def coexpression_loadings(X, dim: int, *, min_cells: int = MIN_CELLS, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +82,7 @@ def coexpression_loadings(X, dim: int, *, min_cells: int = MIN_CELLS, random_sta
 
 
 @torch.no_grad()
-def init_gene_embedding(model, X, *, std: float = EMBEDDING_STD, value_scale: float = VALUE_SCALE, min_cells: int = MIN_CELLS,
+def init_gene_embedding(model, X, *, std: float = EMBEDDING_STD, value_scale: float = 1.0, min_cells: int = MIN_CELLS,
                         random_state: int = 0) -> int:
     """Set a model's gene embedding rows to co-expression coordinates (:func:`coexpression_loadings`).
 

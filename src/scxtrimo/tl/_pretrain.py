@@ -106,9 +106,14 @@ def _use_streaming(items: list, streaming: bool | None) -> bool:
     return bool(streaming)
 
 
-def _check_gene_init(gene_init: str, use_stream: bool) -> None:
+def _check_gene_init(gene_init: str, use_stream: bool, given_model: bool) -> None:
     if gene_init not in GENE_INITS:
         raise ValueError(f"Unknown gene_init {gene_init!r}; choose one of {GENE_INITS}.")
+    if gene_init == "coexpression" and given_model:
+        raise ValueError(
+            "gene_init='coexpression' initialises a new model, but model= was given. Call "
+            "scxtrimo.models.init_gene_embedding(model, X) on it first, or leave model=None."
+        )
     if gene_init == "coexpression" and use_stream:
         raise ValueError(
             "gene_init='coexpression' needs the training cells in memory, but this input is streamed. "
@@ -322,7 +327,7 @@ def pretrain(
     ------
     ValueError
         No cell passes QC; fewer training cells than ``batch_size``; an unknown ``strategy``
-        or ``gene_init``; ``gene_init="coexpression"`` with streamed input;
+        or ``gene_init``; ``gene_init="coexpression"`` with streamed input or with ``model``;
         ``batch_size`` smaller than world size x ``grad_accum_steps``; ``save_every`` without
         ``save_dir``; ``resume`` without a saved training state, or with settings (model
         configuration, batch size, learning-rate schedule, masking, seed, data, ...) that
@@ -337,7 +342,7 @@ def pretrain(
     masking = masking or MaskingConfig()
     items = _as_list(data)
     use_stream = _use_streaming(items, streaming)
-    _check_gene_init(gene_init, use_stream)
+    _check_gene_init(gene_init, use_stream, model is not None)
     ctx, dev = D.init_distributed(device)
     try:
         _check_args(batch_size=batch_size, grad_accum_steps=grad_accum_steps, world_size=ctx.world_size,
