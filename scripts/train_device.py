@@ -211,7 +211,8 @@ def train(args) -> None:
     cfg = CorpusTrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                             decoder_zeros=args.decoder_zeros, thinning=thinning, eval_every_s=args.eval_every_s,
                             eval_cells=args.eval_cells, random_state=args.seed, max_steps=args.max_steps,
-                            masking=MaskingConfig(max_visible=args.max_visible), gene_lr_scale=args.gene_lr_scale)
+                            masking=MaskingConfig(max_visible=args.max_visible), gene_lr_scale=args.gene_lr_scale,
+                            cell_weight=args.cell_weight, cell_readout=args.cell_readout)
     prior = dict(model.metadata or {})
     seen_before = int(prior.get("cells_seen", 0))
     minutes_before = float(prior.get("minutes", prior.get("wall_time_s", 0.0) / 60))  # tl.pretrain records seconds
@@ -290,6 +291,10 @@ def main(argv=None) -> None:
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--gene-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of the gene embedding (0 freezes it, keeping a co-expression start)")
+    t.add_argument("--cell-weight", type=float, default=0.0,
+                   help="weight of the cell-level term: the mean-pooled encoder output predicts the masked values (0: off)")
+    t.add_argument("--cell-readout", choices=("bilinear", "dot"), default="bilinear",
+                   help="the cell term's read-out: a learned map of the cell embedding, or a learned scale only")
     t.add_argument("--decoder-zeros", type=int, default=None)
     t.add_argument("--max-visible", type=int, default=None,
                    help="at most this many expressed genes visible to the encoder (the surplus is masked too)")

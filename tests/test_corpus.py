@@ -168,3 +168,44 @@ def test_gene_lr_scale_must_not_be_negative(tiny_config):
 
     with pytest.raises(ValueError, match="gene_lr_scale must be >= 0"):
         param_groups(scxtrimo.models.XTrimoGene(tiny_config), -1.0)
+
+
+def test_cell_weight_adds_a_cell_level_term_that_reaches_the_encoder(packed, tiny_config):
+    """cell_weight > 0 trains a CellExpressionHead beside masked regression: its MSE is recorded,
+    it changes the encoder's update (same seed, same cells and masks) and the model keeps
+    exactly its own parameters (the head is not saved); negative weights are refused."""
+    from scxtrimo._train_corpus import CorpusTrainConfig, train_corpus
+
+    corpus = load_corpus(packed[0] / "c.xtc")
+
+    def run(cell_weight):
+        torch.manual_seed(0)
+        model = scxtrimo.models.XTrimoGene(tiny_config)
+        cfg = CorpusTrainConfig(minutes=5.0, batch_size=8, max_steps=3, warmup_steps=1, eval_every_s=1e9,
+                                eval_cells=8, lr=1e-3, cell_weight=cell_weight)
+        res = train_corpus(model, corpus, cfg, device=torch.device("cpu"), log=lambda m: None)
+        return model, res["history"][-1]
+
+    plain, h0 = run(0.0)
+    cell, h1 = run(1.0)
+    assert "train_cell_mse" not in h0
+    assert np.isfinite(h1["train_cell_mse"]) and h1["train_cell_mse"] > 0
+    assert set(cell.state_dict()) == set(plain.state_dict())
+    w0, w1 = plain.encoder.blocks[0].qkv.weight.detach(), cell.encoder.blocks[0].qkv.weight.detach()
+    assert float((w1 - w0).abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="cell_weight must be >= 0"):
+        train_corpus(plain, corpus, CorpusTrainConfig(cell_weight=-1.0), device=torch.device("cpu"), log=lambda m: None)
+
+
+def test_param_groups_give_the_head_its_own_rate(tiny_config):
+    """Model parameters, head parameters and the gene table each land in exactly one group."""
+    from scxtrimo._train_corpus import param_groups
+    from scxtrimo.models import CellExpressionHead
+
+    model = scxtrimo.models.XTrimoGene(tiny_config)
+    head = CellExpressionHead(tiny_config.enc_dim, tiny_config.n_genes)
+    groups = param_groups(model, 0.5, head, 100.0)
+    assert [g["lr_scale"] for g in groups] == [1.0, 100.0, 0.5]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters())) + len(list(head.parameters()))
+    assert groups[2]["params"] == [model.gene_embedding.weight]

@@ -102,3 +102,62 @@ def test_sampled_decoder_context(pbmc3k_prepared, tiny_config):
     assert decoded[mb.target].all()  # every loss position is predicted
     width = int(((mb.inputs != 0) | mb.is_mask | mb.target).sum(1).max()) + 100
     assert (decoded.sum(1) == width).all()
+
+
+def test_forward_returns_the_mean_pooled_embedding_of_the_corrupted_cell(pbmc3k_prepared, tiny_config):
+    """return_cells adds the "mean" pooling of the visible tokens and leaves the predictions as they were."""
+    from scxtrimo.data._batching import select_tokens
+
+    torch.manual_seed(0)
+    m = XTrimoGene(tiny_config).eval()
+    values = torch.from_numpy(pbmc3k_prepared.X[:4].toarray())
+    mb = mask_values(values, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = m(mb.inputs, mb.is_mask)
+        pred, cells = m(mb.inputs, mb.is_mask, return_cells=True)
+        tokens, _ = select_tokens((mb.inputs != 0) & ~mb.is_mask, mb.inputs)
+        expected = m.embed_cells(tokens, pooling="mean")
+    torch.testing.assert_close(pred, plain)
+    assert cells.shape == (4, tiny_config.enc_dim)
+    torch.testing.assert_close(cells, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cell_expression_head_reads_out_targets_in_order(tiny_config):
+    """The head starts at its gene biases (no pull on the encoder), predicts in the order of
+    ``values[target]`` and, once its projection moves, is bilinear in cell and gene embeddings."""
+    from scxtrimo.models import CellExpressionHead
+
+    torch.manual_seed(0)
+    d, n = tiny_config.enc_dim, tiny_config.n_genes
+    head = CellExpressionHead(d, n)
+    cells, genes = torch.randn(3, d), torch.randn(n + 2, d)
+    target = torch.zeros(3, n, dtype=torch.bool)
+    target[0, [5, 9]] = True
+    target[2, [1, 700, 19_000]] = True
+    with torch.no_grad():
+        head.gene_bias.copy_(torch.arange(n, dtype=torch.float32))
+        start = head(cells, genes, target)
+        torch.testing.assert_close(start, torch.tensor([5.0, 9.0, 1.0, 700.0, 19_000.0]))
+        head.proj.weight.copy_(torch.eye(d))
+        moved = head(cells, genes, target)
+    assert moved.shape == (5,)
+    torch.testing.assert_close(moved[3], cells[2] @ genes[700] + 700.0)
+
+
+def test_cell_expression_head_dot_readout_uses_the_cell_embedding_itself(tiny_config):
+    """readout="dot" has one scale (0 at the start) and no map: s <c, e_g> + b_g."""
+    from scxtrimo.models import CellExpressionHead
+
+    torch.manual_seed(0)
+    d, n = tiny_config.enc_dim, tiny_config.n_genes
+    head = CellExpressionHead(d, n, readout="dot")
+    assert {name for name, _ in head.named_parameters()} == {"gene_bias", "scale"}
+    cells, genes = torch.randn(2, d), torch.randn(n, d)
+    target = torch.zeros(2, n, dtype=torch.bool)
+    target[1, [3, 4]] = True
+    with torch.no_grad():
+        assert head(cells, genes, target).abs().max() == 0
+        head.scale.fill_(2.0)
+        torch.testing.assert_close(head(cells, genes, target), 2 * genes[[3, 4]] @ cells[1])
+    with pytest.raises(ValueError, match="readout must be one of"):
+        CellExpressionHead(d, n, readout="mlp")

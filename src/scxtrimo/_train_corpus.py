@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ._device import autocast
 from ._oom import retry_on_oom
@@ -23,6 +24,7 @@ from .data._corpus import Corpus
 from .data._depth import ThinningConfig
 from .data._masking import MaskingConfig, cell_keys, keyed_uniform
 from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
+from .models._cell_head import CellExpressionHead
 from .models._xtrimogene import XTrimoGene
 
 #: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU;
@@ -50,16 +52,31 @@ class CorpusTrainConfig:
     gene_lr_scale: float = 1.0
     """Learning-rate multiplier of the gene embedding table (0 freezes it): a co-expression start
     (:func:`~scxtrimo.models.init_gene_embedding`) can keep its structure while the encoder learns."""
+    cell_weight: float = 0.0
+    """Weight of the cell-level term (0: off, the paper's objective alone): a
+    :class:`~scxtrimo.models.CellExpressionHead` predicts the real values at the masked targets
+    from the mean-pooled encoder outputs of the corrupted cell; its MSE, times this weight, is
+    added to the masked-regression MSE. The head is trained alongside and then discarded."""
+    cell_readout: str = "bilinear"
+    """The head's read-out (:class:`~scxtrimo.models.CellExpressionHead`): ``"bilinear"`` or ``"dot"``."""
+    cell_head_lr_scale: float = 100.0
+    """Learning-rate multiplier of the head: its per-gene biases must travel to the genes' mean
+    levels (about 1-2 log1p units) within the run, which at the encoder's rate (1e-4 per AdamW
+    step) they cannot."""
 
 
-def param_groups(model: XTrimoGene, gene_lr_scale: float) -> list[dict]:
+def param_groups(model: XTrimoGene, gene_lr_scale: float, head: nn.Module | None = None,
+                 head_lr_scale: float = 1.0) -> list[dict]:
     """AdamW parameter groups: the gene embedding table with ``lr_scale=gene_lr_scale`` (left out
-    when 0, so that it stays exactly as it is), everything else with ``lr_scale=1``."""
+    when 0, so that it stays exactly as it is), a training ``head`` with ``lr_scale=head_lr_scale``,
+    everything else with ``lr_scale=1``."""
     if gene_lr_scale < 0:
         raise ValueError(f"gene_lr_scale must be >= 0 (0 freezes the gene embedding); got {gene_lr_scale}.")
     gene = model.gene_embedding.weight
     rest = [p for p in model.parameters() if p is not gene]
     groups = [{"params": rest, "lr_scale": 1.0}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr_scale": float(head_lr_scale)})
     if gene_lr_scale > 0:
         groups.append({"params": [gene], "lr_scale": float(gene_lr_scale)})
     return groups
@@ -103,8 +120,11 @@ class _MicroBatches:
 
 
 def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
-          pieces: int) -> tuple[float, int]:
-    """One optimizer step on the cells ``part`` in ``pieces`` micro-batches; (masked MSE, encoder tokens).
+          pieces: int, head: CellExpressionHead | None = None) -> tuple[float, int, float]:
+    """One optimizer step on the cells ``part`` in ``pieces`` micro-batches.
+
+    Returns the masked MSE, the number of encoder tokens and the cell-level MSE of ``head``
+    (NaN without one).
 
     Every cell's thinning and masks come from its key (seed, step, position in the batch), so
     the update does not depend on ``pieces`` (up to float rounding).
@@ -118,18 +138,29 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         batches.append((keys, training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
                                              depth_tokens=model.config.depth_tokens, totals=totals)))
     n_t = sum(tb.target.sum() for _, tb in batches).clamp(min=1)
-    sse_total, tokens = torch.zeros((), device=device), 0
+    sse_total, cell_total, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for keys, tb in batches:
         with autocast(device):
-            pred = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
-                         zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None)
+            out = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
+                        zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None,
+                        return_cells=head is not None)
+        pred, cells = out if head is not None else (out, None)
         sse = masked_sse(pred, tb)
-        (sse / n_t).backward()
+        loss = sse
+        if head is not None:
+            cell_pred = head(cells, model.gene_embedding.weight, tb.target)
+            cell_sse = (cell_pred - tb.values[tb.target].float()).pow(2).sum()
+            loss = loss + cfg.cell_weight * cell_sse
+            cell_total += cell_sse.detach()
+        (loss / n_t).backward()
         sse_total += sse.detach()
         tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if head is not None:  # clipped on its own: its gradients must not shrink the model's step
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
     opt.step()
-    return float(sse_total / n_t), tokens
+    cell_mse = float(cell_total / n_t) if head is not None else float("nan")
+    return float(sse_total / n_t), tokens, cell_mse
 
 
 def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device,
@@ -156,7 +187,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
     -------
     dict
         ``history`` (list of dicts: step, cells_seen, elapsed_s, lr, train_mse, val_mse,
-        val_pearson, val_thinned_mse, val_thinned_pearson) and ``throughput`` (cells/s,
+        val_pearson, val_thinned_mse, val_thinned_pearson; train_cell_mse with ``cfg.cell_weight``) and ``throughput`` (cells/s,
         encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
         training seconds excluding evaluations).
     """
@@ -175,11 +206,16 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
     val = corpus.rows("validation")[: cfg.eval_cells]
     lengths = np.diff(corpus.counts.indptr)
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    if cfg.cell_weight < 0:
+        raise ValueError(f"cell_weight must be >= 0 (0: masked regression alone); got {cfg.cell_weight}.")
+    head = None
+    if cfg.cell_weight > 0:
+        head = CellExpressionHead(model.config.enc_dim, model.config.n_genes, cfg.cell_readout).to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale, head, cfg.cell_head_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
     eval_s = 0.0
-    history, running = [], []
+    history, running, running_cell = [], [], []
     step, cells, tokens, epoch = 0, 0, 0, 0
     flops_per_cell = None
     next_eval = cfg.eval_every_s
@@ -199,7 +235,10 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
             "val_mse": plain["mse"], "val_pearson": plain["pearson"],
             "val_thinned_mse": thinned["mse"], "val_thinned_pearson": thinned["pearson"],
         })
+        if head is not None:
+            history[-1]["train_cell_mse"] = float(np.mean(running_cell)) if running_cell else float("nan")
         running.clear()
+        running_cell.clear()
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()))
         if on_eval is not None:
             on_eval(history)
@@ -222,12 +261,14 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
                 del counts, totals
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
-            loss, n_tok = retry_on_oom(lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count),
-                                       lambda: micro.double(len(part)), what="train_corpus")
+            loss, n_tok, cell_mse = retry_on_oom(
+                lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head),
+                lambda: micro.double(len(part)), what="train_corpus")
             step += 1
             cells += len(part)
             tokens += n_tok
             running.append(loss)
+            running_cell.append(cell_mse)
             if time.perf_counter() - t0 - eval_s >= next_eval:
                 record()
                 next_eval += cfg.eval_every_s

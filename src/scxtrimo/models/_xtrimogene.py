@@ -153,15 +153,21 @@ class XTrimoGene(nn.Module):
         if inputs.shape[1] != n_pos:
             raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
 
-    def _decoder_input(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decoder_input(self, inputs: torch.Tensor, is_mask: torch.Tensor,
+                       cells: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-length decoder input ``(B, n_positions, enc_dim)`` and the encoder tokens ``(B, n_positions)``.
 
         Encoder outputs at the visible non-zero positions, the [MASK] vector at masked ones,
-        the value embedding of 0 elsewhere; plus the gene embedding at every position.
+        the value embedding of 0 elsewhere; plus the gene embedding at every position. With a
+        ``cells`` list, the mean of the encoder outputs per cell (``"mean"`` pooling of the
+        visible tokens, ``(B, enc_dim)``) is appended to it.
         """
         visible = (inputs != 0) & ~is_mask
         tokens, (rows, cols, pos) = select_tokens(visible, inputs)
         h = self.encode(tokens)
+        if cells is not None:
+            valid = tokens.valid.unsqueeze(-1)
+            cells.append((h * valid).sum(1) / valid.sum(1).clamp(min=1))
         zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
         dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
         dec_in = dec_in.index_put((rows, cols), h[rows, pos])
@@ -206,7 +212,8 @@ class XTrimoGene(nn.Module):
         decoder_zeros: int | None = None,
         generator: torch.Generator | None = None,
         zero_scores: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_cells: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict gene values from a corrupted batch.
 
         Parameters
@@ -231,16 +238,27 @@ class XTrimoGene(nn.Module):
             ``(B, n_positions)`` uniforms to use for that draw instead of ``generator`` (the
             lowest scores win), e.g. per-cell keyed hashes so that the draw does not depend on
             which process or micro-batch holds the cell.
+        return_cells
+            Also return the mean of the encoder outputs over each cell's visible tokens
+            (``(B, enc_dim)``, ``"mean"`` pooling of the corrupted cell), for a cell-level
+            training term (:class:`~scxtrimo.models.CellExpressionHead`).
 
         Returns
         -------
-        ``(B, n_genes)`` float predictions (depth positions are not predicted).
+        ``(B, n_genes)`` float predictions (depth positions are not predicted); with
+        ``return_cells``, the tuple ``(predictions, cells)``.
         """
         self._check_inputs(inputs)
         n = self.config.n_genes
-        dec_in, visible = self._decoder_input(inputs, is_mask)
+        cells = [] if return_cells else None
+        dec_in, visible = self._decoder_input(inputs, is_mask, cells)
+        pred = self._predict(dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores)[:, :n]
+        return (pred, cells[0]) if return_cells else pred
+
+    def _predict(self, dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores) -> torch.Tensor:
+        """Decoder predictions ``(B, n_positions)``: all positions, or the ``decoder_zeros`` subset (others 0)."""
         if decoder_zeros is None:
-            return self._decode(dec_in)[:, :n]
+            return self._decode(dec_in)
         must = visible | is_mask
         if keep is not None:
             must = must | keep
@@ -251,4 +269,4 @@ class XTrimoGene(nn.Module):
         idx = score.topk(width, dim=1, largest=False).indices.sort(dim=1).values
         sub = dec_in.gather(1, idx.unsqueeze(-1).expand(-1, -1, dec_in.shape[-1]))
         pred = self._decode(sub)
-        return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)[:, :n]
+        return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)
