@@ -58,12 +58,17 @@ def test_encoder_ignores_padding(pbmc3k_prepared):
             torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def masked_tiny(prepared, config, n_cells):
+    """An untrained tiny model in eval mode, the first ``n_cells`` pbmc3k cells and their masks."""
+    torch.manual_seed(0)
+    m = XTrimoGene(config).eval()
+    values = torch.from_numpy(prepared.X[:n_cells].toarray())
+    return m, values, mask_values(values, generator=torch.Generator().manual_seed(0))
+
+
 def test_forward_shapes_and_no_leak_from_masked_values(pbmc3k_prepared, tiny_config):
     """Predictions do not depend on the true values hidden under [MASK]."""
-    torch.manual_seed(0)
-    m = XTrimoGene(tiny_config).eval()
-    values = torch.from_numpy(pbmc3k_prepared.X[:4].toarray())
-    mb = mask_values(values, generator=torch.Generator().manual_seed(0))
+    m, values, mb = masked_tiny(pbmc3k_prepared, tiny_config, 4)
     with torch.no_grad():
         pred = m(mb.inputs, mb.is_mask)
         tampered = values.clone()
@@ -89,10 +94,7 @@ def test_embedding_uses_encoder_only(pbmc3k_prepared):
 
 def test_sampled_decoder_context(pbmc3k_prepared, tiny_config):
     """decoder_zeros keeps every target; covering all genes it equals the full decoder."""
-    torch.manual_seed(0)
-    m = XTrimoGene(tiny_config).eval()
-    values = torch.from_numpy(pbmc3k_prepared.X[:3].toarray())
-    mb = mask_values(values, generator=torch.Generator().manual_seed(0))
+    m, _, mb = masked_tiny(pbmc3k_prepared, tiny_config, 3)
     with torch.no_grad():
         full = m(mb.inputs, mb.is_mask)
         everything = m(mb.inputs, mb.is_mask, keep=mb.target, decoder_zeros=19_264, generator=torch.Generator().manual_seed(1))
@@ -108,10 +110,7 @@ def test_forward_returns_the_mean_pooled_embedding_of_the_corrupted_cell(pbmc3k_
     """return_cells adds the "mean" pooling of the visible tokens and leaves the predictions as they were."""
     from scxtrimo.data._batching import select_tokens
 
-    torch.manual_seed(0)
-    m = XTrimoGene(tiny_config).eval()
-    values = torch.from_numpy(pbmc3k_prepared.X[:4].toarray())
-    mb = mask_values(values, generator=torch.Generator().manual_seed(0))
+    m, _, mb = masked_tiny(pbmc3k_prepared, tiny_config, 4)
     with torch.no_grad():
         plain = m(mb.inputs, mb.is_mask)
         pred, cells = m(mb.inputs, mb.is_mask, return_cells=True)
