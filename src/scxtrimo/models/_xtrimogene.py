@@ -25,6 +25,12 @@ def check_pooling(pooling: str, config: XTrimoGeneConfig) -> None:
         )
 
 
+def _mean_over(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, L, d)`` outputs averaged over each cell's ``valid`` ``(B, L)`` tokens -> ``(B, d)``."""
+    v = valid.unsqueeze(-1)
+    return (h * v).sum(1) / v.sum(1).clamp(min=1)
+
+
 class XTrimoGene(nn.Module):
     """xTrimoGene (Gong et al., NeurIPS 2023).
 
@@ -126,7 +132,7 @@ class XTrimoGene(nn.Module):
         if pooling == "max":
             return h.masked_fill(~valid, float("-inf")).amax(1)
         if pooling == "mean":
-            return (h * valid).sum(1) / valid.sum(1).clamp(min=1)
+            return _mean_over(h, batch.valid)
         n = self.config.n_genes
         gene = (batch.valid & (batch.genes < n)).unsqueeze(-1)
         at_t, at_s = batch.valid & (batch.genes == n), batch.valid & (batch.genes == n + 1)
@@ -134,7 +140,7 @@ class XTrimoGene(nn.Module):
             raise ValueError("pooling='all' needs both depth tokens (T and S > 0) in every cell.")
         pick = lambda at: (h * at.unsqueeze(-1)).sum(1)  # noqa: E731  the one token at `at`
         gmax = h.masked_fill(~gene, float("-inf")).amax(1)
-        gmean = (h * gene).sum(1) / gene.sum(1).clamp(min=1)
+        gmean = _mean_over(h, gene.squeeze(-1))
         return torch.cat([pick(at_s), pick(at_t), gmax, gmean], dim=-1)
 
     def _decoder_states(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,24 +160,22 @@ class XTrimoGene(nn.Module):
             raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
 
     def _decoder_input(self, inputs: torch.Tensor, is_mask: torch.Tensor,
-                       cells: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-length decoder input ``(B, n_positions, enc_dim)`` and the encoder tokens ``(B, n_positions)``.
+                       pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Full-length decoder input ``(B, n_positions, enc_dim)``, the encoder tokens ``(B, n_positions)``
+        and, with ``pool``, the mean of the encoder outputs per cell (``"mean"`` pooling of the
+        visible tokens, ``(B, enc_dim)``; else ``None``).
 
         Encoder outputs at the visible non-zero positions, the [MASK] vector at masked ones,
-        the value embedding of 0 elsewhere; plus the gene embedding at every position. With a
-        ``cells`` list, the mean of the encoder outputs per cell (``"mean"`` pooling of the
-        visible tokens, ``(B, enc_dim)``) is appended to it.
+        the value embedding of 0 elsewhere; plus the gene embedding at every position.
         """
         visible = (inputs != 0) & ~is_mask
         tokens, (rows, cols, pos) = select_tokens(visible, inputs)
         h = self.encode(tokens)
-        if cells is not None:
-            valid = tokens.valid.unsqueeze(-1)
-            cells.append((h * valid).sum(1) / valid.sum(1).clamp(min=1))
+        cells = _mean_over(h, tokens.valid) if pool else None
         zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
         dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
         dec_in = dec_in.index_put((rows, cols), h[rows, pos])
-        return dec_in + self.gene_embedding.weight[: inputs.shape[1]].to(h.dtype), visible
+        return dec_in + self.gene_embedding.weight[: inputs.shape[1]].to(h.dtype), visible, cells
 
     def gene_context(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gene-context embeddings and predicted expression of unmasked cells (nothing is masked).
@@ -198,7 +202,7 @@ class XTrimoGene(nn.Module):
             ``(B, n_genes)``: the head's output, on the log1p CP10k scale.
         """
         self._check_inputs(inputs)
-        dec_in, _ = self._decoder_input(inputs, torch.zeros_like(inputs, dtype=torch.bool))
+        dec_in, _, _ = self._decoder_input(inputs, torch.zeros_like(inputs, dtype=torch.bool))
         h = self._decoder_states(dec_in)[:, : self.config.n_genes]
         return h, self.head(h).squeeze(-1)
 
@@ -250,10 +254,9 @@ class XTrimoGene(nn.Module):
         """
         self._check_inputs(inputs)
         n = self.config.n_genes
-        cells = [] if return_cells else None
-        dec_in, visible = self._decoder_input(inputs, is_mask, cells)
+        dec_in, visible, cells = self._decoder_input(inputs, is_mask, pool=return_cells)
         pred = self._predict(dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores)[:, :n]
-        return (pred, cells[0]) if return_cells else pred
+        return (pred, cells) if return_cells else pred
 
     def _predict(self, dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores) -> torch.Tensor:
         """Decoder predictions ``(B, n_positions)``: all positions, or the ``decoder_zeros`` subset (others 0)."""
