@@ -170,31 +170,54 @@ def test_gene_lr_scale_must_not_be_negative(tiny_config):
         param_groups(scxtrimo.models.XTrimoGene(tiny_config), -1.0)
 
 
-def test_cell_weight_adds_a_cell_level_term_that_reaches_the_encoder(packed, tiny_config):
-    """cell_weight > 0 trains a CellExpressionHead beside masked regression: its MSE is recorded,
+@pytest.mark.parametrize(("term", "column"), [("cell_weight", "train_cell_mse"), ("contrast_weight", "train_contrast")])
+def test_an_extra_term_is_recorded_and_reaches_the_encoder(packed, tiny_config, term, column):
+    """cell_weight > 0 trains a CellExpressionHead beside masked regression, contrast_weight > 0
+    adds the contrastive term between two corruptions of each cell: the term's loss is recorded,
     it changes the encoder's update (same seed, same cells and masks) and the model keeps
-    exactly its own parameters (the head is not saved); negative weights are refused."""
+    exactly its own parameters (no head is saved); negative weights are refused."""
     from scxtrimo._train_corpus import CorpusTrainConfig, train_corpus
 
     corpus = load_corpus(packed[0] / "c.xtc")
 
-    def run(cell_weight):
+    def run(weight):
         torch.manual_seed(0)
         model = scxtrimo.models.XTrimoGene(tiny_config)
         cfg = CorpusTrainConfig(minutes=5.0, batch_size=8, max_steps=3, warmup_steps=1, eval_every_s=1e9,
-                                eval_cells=8, lr=1e-3, cell_weight=cell_weight)
+                                eval_cells=8, lr=1e-3, **{term: weight})
         res = train_corpus(model, corpus, cfg, device=torch.device("cpu"), log=lambda m: None)
         return model, res["history"][-1]
 
     plain, h0 = run(0.0)
-    cell, h1 = run(1.0)
-    assert "train_cell_mse" not in h0
-    assert np.isfinite(h1["train_cell_mse"]) and h1["train_cell_mse"] > 0
-    assert set(cell.state_dict()) == set(plain.state_dict())
-    w0, w1 = plain.encoder.blocks[0].qkv.weight.detach(), cell.encoder.blocks[0].qkv.weight.detach()
+    extra, h1 = run(1.0)
+    assert column not in h0
+    assert np.isfinite(h1[column]) and h1[column] > 0
+    if term == "contrast_weight":  # InfoNCE over 8 cells starts near log 8 and cannot exceed it by much
+        assert h1[column] < 2 * np.log(8)
+    assert set(extra.state_dict()) == set(plain.state_dict())
+    w0, w1 = plain.encoder.blocks[0].qkv.weight.detach(), extra.encoder.blocks[0].qkv.weight.detach()
     assert float((w1 - w0).abs().max()) > 1e-6
-    with pytest.raises(ValueError, match="cell_weight must be >= 0"):
-        train_corpus(plain, corpus, CorpusTrainConfig(cell_weight=-1.0), device=torch.device("cpu"), log=lambda m: None)
+    with pytest.raises(ValueError, match=f"{term} must be >= 0"):
+        train_corpus(plain, corpus, CorpusTrainConfig(**{term: -1.0}), device=torch.device("cpu"), log=lambda m: None)
+
+
+def test_view_contrast_is_log_b_without_information_and_near_zero_for_matching_views():
+    """Symmetric InfoNCE: log B when all cells look alike, near 0 when each cell's two views
+    agree and differ from the others', symmetric in its views; shapes and temperature checked."""
+    from scxtrimo.data._objective import view_contrast
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 64, generator=g)
+    b = a + 0.05 * torch.randn(8, 64, generator=g)
+    same = torch.ones(8, 64)
+    assert float(view_contrast(same, same)) == pytest.approx(np.log(8), rel=1e-5)
+    assert float(view_contrast(a, b, 0.05)) < 0.01
+    assert float(view_contrast(a, b)) == pytest.approx(float(view_contrast(b, a)), rel=1e-6)
+    assert float(view_contrast(a, b.roll(1, 0), 0.05)) > np.log(8)  # every cell paired with another's view
+    with pytest.raises(ValueError, match="one shape"):
+        view_contrast(a, b[:4])
+    with pytest.raises(ValueError, match="temperature"):
+        view_contrast(a, b, 0.0)
 
 
 def test_param_groups_give_the_head_its_own_rate(tiny_config):

@@ -107,7 +107,8 @@ def test_sampled_decoder_context(pbmc3k_prepared, tiny_config):
 
 
 def test_forward_returns_the_mean_pooled_embedding_of_the_corrupted_cell(pbmc3k_prepared, tiny_config):
-    """return_cells adds the "mean" pooling of the visible tokens and leaves the predictions as they were."""
+    """return_cells adds the "mean" pooling of the visible tokens and leaves the predictions as they
+    were; pooled_visible gives the same cells from the encoder alone."""
     from scxtrimo.data._batching import select_tokens
 
     m, _, mb = masked_tiny(pbmc3k_prepared, tiny_config, 4)
@@ -116,9 +117,11 @@ def test_forward_returns_the_mean_pooled_embedding_of_the_corrupted_cell(pbmc3k_
         pred, cells = m(mb.inputs, mb.is_mask, return_cells=True)
         tokens, _ = select_tokens((mb.inputs != 0) & ~mb.is_mask, mb.inputs)
         expected = m.embed_cells(tokens, pooling="mean")
+        encoder_only = m.pooled_visible(mb.inputs, mb.is_mask)
     torch.testing.assert_close(pred, plain)
     assert cells.shape == (4, tiny_config.enc_dim)
     torch.testing.assert_close(cells, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encoder_only, cells)
 
 
 def test_cell_expression_head_reads_out_targets_in_order(tiny_config):

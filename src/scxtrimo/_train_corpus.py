@@ -23,7 +23,7 @@ from .data._batching import sortish_batches
 from .data._corpus import Corpus
 from .data._depth import ThinningConfig
 from .data._masking import MaskingConfig, cell_keys, keyed_uniform
-from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
+from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch, view_contrast
 from .models._cell_head import CellExpressionHead
 from .models._xtrimogene import XTrimoGene
 
@@ -63,6 +63,14 @@ class CorpusTrainConfig:
     """Learning-rate multiplier of the head: its per-gene biases must travel to the genes' mean
     levels (about 1-2 log1p units) within the run, which at the encoder's rate (1e-4 per AdamW
     step) they cannot."""
+    contrast_weight: float = 0.0
+    """Weight of a contrastive term (0: off): each cell is corrupted a second time (its own
+    masking and thinning keys), both views are mean-pooled by the encoder, and
+    :func:`~scxtrimo.data._objective.view_contrast` (InfoNCE over the cells of a micro-batch)
+    times this weight is added to the loss. It asks the embedding ``tl.embed`` returns to tell
+    cells apart, which neither masked regression nor the cell term does. Not in the paper."""
+    contrast_temperature: float = 0.1
+    """Temperature of the contrastive term's cosine similarities."""
 
 
 def param_groups(model: XTrimoGene, gene_lr_scale: float, head: nn.Module | None = None,
@@ -120,31 +128,38 @@ class _MicroBatches:
 
 
 def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
-          pieces: int, head: CellExpressionHead | None = None) -> tuple[float, int, float]:
+          pieces: int, head: CellExpressionHead | None = None) -> tuple[float, int, float, float]:
     """One optimizer step on the cells ``part`` in ``pieces`` micro-batches.
 
-    Returns the masked MSE, the number of encoder tokens and the cell-level MSE of ``head``
-    (NaN without one).
+    Returns the masked MSE, the number of encoder tokens, the cell-level MSE of ``head`` and
+    the contrastive loss (each NaN when its term is off). The contrastive term compares the
+    cells of one micro-batch, so unlike the rest it depends on ``pieces``.
 
     Every cell's thinning and masks come from its key (seed, step, position in the batch), so
     the update does not depend on ``pieces`` (up to float rounding).
     """
     opt.zero_grad(set_to_none=True)
+    contrast = cfg.contrast_weight > 0
     batches = []
     for pos in np.array_split(np.arange(len(part)), pieces):
         counts = counts_to_device(corpus.counts[part[pos]], device)
         totals = torch.from_numpy(corpus.total[part[pos]]).to(device, non_blocking=True)
+        view = lambda keys: training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,  # noqa: E731
+                                           depth_tokens=model.config.depth_tokens, totals=totals)
         keys = cell_keys(cfg.random_state, step, pos, device=device)
-        batches.append((keys, training_batch(counts, keys, masking=cfg.masking, thinning=cfg.thinning,
-                                             depth_tokens=model.config.depth_tokens, totals=totals)))
-    n_t = sum(tb.target.sum() for _, tb in batches).clamp(min=1)
+        # the second view's keys: the same cells at positions no batch reaches (bit 31 set)
+        second = view(cell_keys(cfg.random_state, step, pos | (1 << 31), device=device)) if contrast else None
+        batches.append((keys, view(keys), second, len(pos) / len(part)))
+    n_t = sum(tb.target.sum() for _, tb, _, _ in batches).clamp(min=1)
     sse_total, cell_total, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for keys, tb in batches:
+    contrast_total = torch.zeros((), device=device)
+    for keys, tb, second, share in batches:
         with autocast(device):
             out = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
                         zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None,
-                        return_cells=head is not None)
-        pred, cells = out if head is not None else (out, None)
+                        return_cells=head is not None or contrast)
+            other = model.pooled_visible(second.inputs, second.is_mask) if contrast else None
+        pred, cells = out if head is not None or contrast else (out, None)
         sse = masked_sse(pred, tb)
         loss = sse
         if head is not None:
@@ -152,7 +167,12 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
             cell_sse = (cell_pred - tb.values[tb.target].float()).pow(2).sum()
             loss = loss + cfg.cell_weight * cell_sse
             cell_total += cell_sse.detach()
-        (loss / n_t).backward()
+        loss = loss / n_t
+        if contrast:
+            nce = view_contrast(cells, other, cfg.contrast_temperature)
+            loss = loss + cfg.contrast_weight * share * nce
+            contrast_total += share * nce.detach()
+        loss.backward()
         sse_total += sse.detach()
         tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -160,7 +180,7 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
     opt.step()
     cell_mse = float(cell_total / n_t) if head is not None else float("nan")
-    return float(sse_total / n_t), tokens, cell_mse
+    return float(sse_total / n_t), tokens, cell_mse, float(contrast_total) if contrast else float("nan")
 
 
 def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device,
@@ -187,7 +207,8 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
     -------
     dict
         ``history`` (list of dicts: step, cells_seen, elapsed_s, lr, train_mse, val_mse,
-        val_pearson, val_thinned_mse, val_thinned_pearson; train_cell_mse with ``cfg.cell_weight``) and ``throughput`` (cells/s,
+        val_pearson, val_thinned_mse, val_thinned_pearson; train_cell_mse with ``cfg.cell_weight``,
+        train_contrast with ``cfg.contrast_weight``) and ``throughput`` (cells/s,
         encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
         training seconds excluding evaluations).
     """
@@ -208,6 +229,8 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
     fused = device.type == "cuda"
     if cfg.cell_weight < 0:
         raise ValueError(f"cell_weight must be >= 0 (0: masked regression alone); got {cfg.cell_weight}.")
+    if cfg.contrast_weight < 0:
+        raise ValueError(f"contrast_weight must be >= 0 (0: no contrastive term); got {cfg.contrast_weight}.")
     head = None
     if cfg.cell_weight > 0:
         head = CellExpressionHead(model.config.enc_dim, model.config.n_genes, cfg.cell_readout).to(device).train()
@@ -215,7 +238,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
     eval_s = 0.0
-    history, running, running_cell = [], [], []
+    history, running, running_cell, running_contrast = [], [], [], []
     step, cells, tokens, epoch = 0, 0, 0, 0
     flops_per_cell = None
     next_eval = cfg.eval_every_s
@@ -237,8 +260,11 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
         })
         if head is not None:
             history[-1]["train_cell_mse"] = float(np.mean(running_cell)) if running_cell else float("nan")
+        if cfg.contrast_weight > 0:
+            history[-1]["train_contrast"] = float(np.mean(running_contrast)) if running_contrast else float("nan")
         running.clear()
         running_cell.clear()
+        running_contrast.clear()
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()))
         if on_eval is not None:
             on_eval(history)
@@ -261,7 +287,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
                 del counts, totals
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
-            loss, n_tok, cell_mse = retry_on_oom(
+            loss, n_tok, cell_mse, nce = retry_on_oom(
                 lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head),
                 lambda: micro.double(len(part)), what="train_corpus")
             step += 1
@@ -269,6 +295,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
             tokens += n_tok
             running.append(loss)
             running_cell.append(cell_mse)
+            running_contrast.append(nce)
             if time.perf_counter() - t0 - eval_s >= next_eval:
                 record()
                 next_eval += cfg.eval_every_s

@@ -90,6 +90,28 @@ def masked_sse(pred: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
     return (pred[batch.target].float() - batch.values[batch.target].float()).pow(2).sum()
 
 
+def view_contrast(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE between two views of the same cells (float32 scalar, mean over cells).
+
+    ``a`` and ``b`` are ``(B, d)`` embeddings of the same ``B`` cells under two independent
+    corruptions (masking and thinning). Each cell's two views must be nearer (cosine similarity
+    over ``temperature``) than its view and any other cell's in the batch: cross-entropy of
+    ``a @ b.T`` with the diagonal as the classes, averaged over both directions. Its value is
+    ``log B`` when the embeddings carry no information, 0 at the optimum. Not in the xTrimoGene
+    paper (SimCLR's objective, which CLEAR, Han et al. 2022, applied to single cells).
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"view_contrast needs two (B, d) tensors of one shape; got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}.")
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(a.shape[0], device=a.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(logits, labels) + ce(logits.T, labels))
+
+
 def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.1) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` as ``progress`` -> 1."""
     if step < warmup:

@@ -159,6 +159,23 @@ class XTrimoGene(nn.Module):
         if inputs.shape[1] != n_pos:
             raise ValueError(f"inputs have {inputs.shape[1]} columns; this model takes {n_pos} (genes{' + T + S' if n_pos > n else ''}).")
 
+    def _encode_visible(self, inputs: torch.Tensor, is_mask: torch.Tensor):
+        """Encoder outputs ``(B, L, enc_dim)`` over each cell's visible (non-zero, unmasked) positions,
+        with the token batch, the ``(rows, cols, pos)`` index of those positions and the ``(B, n_positions)``
+        visible mask."""
+        visible = (inputs != 0) & ~is_mask
+        tokens, index = select_tokens(visible, inputs)
+        return self.encode(tokens), tokens, index, visible
+
+    def pooled_visible(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the encoder outputs over each cell's visible tokens, ``(B, enc_dim)``: the cell
+        embedding of a corrupted cell (``"mean"`` pooling), encoder only. The same as the cells
+        ``forward(..., return_cells=True)`` returns, without the decoder (a second view of the
+        cell for a contrastive training term)."""
+        self._check_inputs(inputs)
+        h, tokens, _, _ = self._encode_visible(inputs, is_mask)
+        return _mean_over(h, tokens.valid)
+
     def _decoder_input(self, inputs: torch.Tensor, is_mask: torch.Tensor,
                        pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Full-length decoder input ``(B, n_positions, enc_dim)``, the encoder tokens ``(B, n_positions)``
@@ -168,9 +185,7 @@ class XTrimoGene(nn.Module):
         Encoder outputs at the visible non-zero positions, the [MASK] vector at masked ones,
         the value embedding of 0 elsewhere; plus the gene embedding at every position.
         """
-        visible = (inputs != 0) & ~is_mask
-        tokens, (rows, cols, pos) = select_tokens(visible, inputs)
-        h = self.encode(tokens)
+        h, tokens, (rows, cols, pos), visible = self._encode_visible(inputs, is_mask)
         cells = _mean_over(h, tokens.valid) if pool else None
         zero = self.value_embedding(torch.zeros((), device=inputs.device, dtype=inputs.dtype))
         dec_in = torch.where(is_mask.unsqueeze(-1), self.mask_token.to(h.dtype), zero.to(h.dtype))
