@@ -59,6 +59,22 @@ def benchmark_rows(csv: str, names: dict[str, str]) -> str:
     return head + "\n" + body
 
 
+def extra_terms(args: dict) -> str:
+    """The objective's additions in one training segment's arguments (not in the paper), as words."""
+    parts = []
+    if args.get("cell_weight"):
+        parts.append(f"a cell-level term (weight {args['cell_weight']}, {args.get('cell_readout', 'bilinear')} read-out: "
+                     "the mean-pooled encoder outputs of the corrupted cell predict the masked values, "
+                     "`scxtrimo.models.CellExpressionHead`, dropped after training)")
+    if args.get("contrast_weight"):
+        parts.append(f"a contrastive term (weight {args['contrast_weight']}, temperature "
+                     f"{args.get('contrast_temperature', 0.1)}: InfoNCE between the mean-pooled encoder outputs of two "
+                     "corruptions of each cell)")
+    if args.get("gene_lr_scale", 1.0) == 0:
+        parts.append("the gene embedding frozen")
+    return "; plus " + ", ".join(parts) + " (not in the paper)" if parts else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
@@ -111,7 +127,7 @@ def main() -> None:
         f"{r.val_pearson:.3f} | {r.val_thinned_mse:.4f} | {r.val_thinned_pearson:.3f} |" for r in hist.itertuples()) \
         if hist is not None else "| - | 0 | 0 | 0 | - | - | - | - | - |"
     bench = benchmark_rows(args.benchmark, {
-        args.method: "xtrimo-3m (this checkpoint, `tl.embed` defaults)", args.previous: "previous default (0.1.0)",
+        args.method: "xtrimo-3m (this checkpoint, `tl.embed` defaults)", args.previous: "previous default",
         "co-expression init, untrained [mean]": "its starting point: co-expression gene embedding, no pretraining",
         "PCA (2,000 HVGs, 50 PCs)": "PCA (scanpy, 2,000 HVGs, 50 PCs)", "scVI (defaults)": "scVI (scvi-tools defaults)",
         "random weights [max/T=4]": "random weights (depth tokens)", "random weights [max]": "random weights"})
@@ -137,7 +153,7 @@ The default checkpoint of scxtrimo, shipped inside the package (no download).
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
-| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){' with depth-aware inputs: half of the cells of at least 1,000 counts binomially thinned to a Beta(2, 2) fraction of their reads, T = log10 of the real total, S = of the thinned total, targets the real values' if cfg.depth_tokens else ''}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes |
+| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){' with depth-aware inputs: half of the cells of at least 1,000 counts binomially thinned to a Beta(2, 2) fraction of their reads, T = log10 of the real total, S = of the thinned total, targets the real values' if cfg.depth_tokens else ''}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last)} |
 | training | `scripts/train_device.py` in {len(runs)} segment(s) on the CPU: batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |

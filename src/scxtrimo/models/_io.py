@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "0505967a41d47aae0f6b6c8fbb0e08f9158712b9d6bb5bc0f49bafe5227c82a1",
+    "xtrimo-3m": "6ca7c6cae045bc7f586f6f4368e633970241d620af1aebb8ac3b355b45c1df7f",
 }
 
 
