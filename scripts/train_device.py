@@ -205,6 +205,7 @@ def train(args) -> None:
     corpus = load_corpus(args.corpus)
     log(f"corpus {args.corpus}: {len(corpus)} cells, {corpus.counts.nnz} non-zeros, loaded in {time.perf_counter() - t_load:.1f} s")
     model = build_model(args, corpus, log)
+    args.config, args.depth_tokens = model.config.name, model.config.depth_tokens  # what --init loaded, in the run's record
     log(f"model {model.config.name} depth_tokens={model.config.depth_tokens} parameters={model.n_parameters():,} "
         f"init={args.init or 'random'} device={device}")
     thinning = ThinningConfig(p_thin=args.p_thin) if args.p_thin > 0 else None
