@@ -128,18 +128,20 @@ class _MicroBatches:
 
 
 def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
-          pieces: int, head: CellExpressionHead | None = None) -> tuple[float, int, float, float]:
+          pieces: int, head: CellExpressionHead | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step on the cells ``part`` in ``pieces`` micro-batches.
 
-    Returns the masked MSE, the number of encoder tokens, the cell-level MSE of ``head`` and
-    the contrastive loss (each NaN when its term is off). The contrastive term compares the
-    cells of one micro-batch, so unlike the rest it depends on ``pieces``.
+    Returns the losses by history column (``train_mse``, the masked MSE; ``train_cell_mse``, the
+    cell-level MSE of ``head``, with one; ``train_contrast``, with ``cfg.contrast_weight``) and the
+    number of encoder tokens. The contrastive term compares the cells of one micro-batch, so
+    unlike the rest it depends on ``pieces``.
 
     Every cell's thinning and masks come from its key (seed, step, position in the batch), so
     the update does not depend on ``pieces`` (up to float rounding).
     """
     opt.zero_grad(set_to_none=True)
     contrast = cfg.contrast_weight > 0
+    pooled = head is not None or contrast
     batches = []
     for pos in np.array_split(np.arange(len(part)), pieces):
         counts = counts_to_device(corpus.counts[part[pos]], device)
@@ -157,9 +159,9 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         with autocast(device):
             out = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
                         zero_scores=keyed_uniform(keys, tb.inputs.shape[1]) if cfg.decoder_zeros else None,
-                        return_cells=head is not None or contrast)
+                        return_cells=pooled)
             other = model.pooled_visible(second.inputs, second.is_mask) if contrast else None
-        pred, cells = out if head is not None or contrast else (out, None)
+        pred, cells = out if pooled else (out, None)
         sse = masked_sse(pred, tb)
         loss = sse
         if head is not None:
@@ -179,8 +181,12 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
     if head is not None:  # clipped on its own: its gradients must not shrink the model's step
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
     opt.step()
-    cell_mse = float(cell_total / n_t) if head is not None else float("nan")
-    return float(sse_total / n_t), tokens, cell_mse, float(contrast_total) if contrast else float("nan")
+    losses = {"train_mse": float(sse_total / n_t)}
+    if head is not None:
+        losses["train_cell_mse"] = float(cell_total / n_t)
+    if contrast:
+        losses["train_contrast"] = float(contrast_total)
+    return losses, tokens
 
 
 def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device,
@@ -238,7 +244,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
     eval_s = 0.0
-    history, running, running_cell, running_contrast = [], [], [], []
+    history, running = [], {}  # running: the steps' losses since the last evaluation, by history column
     step, cells, tokens, epoch = 0, 0, 0, 0
     flops_per_cell = None
     next_eval = cfg.eval_every_s
@@ -254,17 +260,12 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
         eval_s += time.perf_counter() - t
         history.append({
             "step": step, "cells_seen": cells, "elapsed_s": round(time.perf_counter() - t0, 1),
-            "lr": opt.param_groups[0]["lr"], "train_mse": float(np.mean(running)) if running else float("nan"),
+            "lr": opt.param_groups[0]["lr"], "train_mse": float(np.mean(running.pop("train_mse", [np.nan]))),
             "val_mse": plain["mse"], "val_pearson": plain["pearson"],
             "val_thinned_mse": thinned["mse"], "val_thinned_pearson": thinned["pearson"],
         })
-        if head is not None:
-            history[-1]["train_cell_mse"] = float(np.mean(running_cell)) if running_cell else float("nan")
-        if cfg.contrast_weight > 0:
-            history[-1]["train_contrast"] = float(np.mean(running_contrast)) if running_contrast else float("nan")
+        history[-1].update({k: float(np.mean(v)) for k, v in running.items()})  # the extra terms' columns
         running.clear()
-        running_cell.clear()
-        running_contrast.clear()
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in history[-1].items()))
         if on_eval is not None:
             on_eval(history)
@@ -287,15 +288,14 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
                 del counts, totals
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
-            loss, n_tok, cell_mse, nce = retry_on_oom(
+            losses, n_tok = retry_on_oom(
                 lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head),
                 lambda: micro.double(len(part)), what="train_corpus")
             step += 1
             cells += len(part)
             tokens += n_tok
-            running.append(loss)
-            running_cell.append(cell_mse)
-            running_contrast.append(nce)
+            for k, v in losses.items():
+                running.setdefault(k, []).append(v)
             if time.perf_counter() - t0 - eval_s >= next_eval:
                 record()
                 next_eval += cfg.eval_every_s
