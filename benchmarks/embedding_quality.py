@@ -14,7 +14,10 @@ cell explain linearly), on every labelled shared data set, for several Leiden se
 
 Rows: every candidate checkpoint with each pooling (``max``, ``mean``, and for models with
 depth tokens ``all``, each with the target depth T = 4 and T = S), the same architecture with
-random weights, scanpy's PCA workflow (2,000 HVGs, 50 PCs: ``tl._clustering.pca_baseline``),
+random weights, each checkpoint's gene-table factor scores (``--baselines factors``: the
+least-squares scores of the cells' log1p CP10k on the model's gene embedding rows,
+``scxtrimo.models.factor_projection``; a linear read-out with no encoder, the teacher of the
+factor-score term), scanpy's PCA workflow (2,000 HVGs, 50 PCs: ``tl._clustering.pca_baseline``),
 and scVI (scvi-tools, defaults: 2,000 ``seurat_v3`` HVGs on counts, 10 latent dimensions,
 trained per data set, once by default (``--scvi-seeds``), its latent scored with every Leiden
 seed; installed by the ``benchmark`` extra). With ``--adapt-minutes M``, every checkpoint is also
@@ -147,6 +150,14 @@ def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
     return out
 
 
+def factor_scores(model, adata) -> np.ndarray:
+    """``(n_obs, d)`` least-squares scores of the cells' log1p CP10k on the model's gene rows."""
+    a = scxtrimo.pp.align_genes(adata, copy=True)
+    scxtrimo.pp.normalize(a)
+    proj = scxtrimo.models.factor_projection(model.gene_embedding.weight[: model.config.n_genes]).numpy()
+    return np.asarray(sp.csr_matrix(a.X, dtype=np.float32) @ proj)
+
+
 def thin_to(adata: ad.AnnData, total: float, seed: int = 0, block: int = 256) -> ad.AnnData:
     """Every cell's counts binomially thinned to at most ``total`` (``scxtrimo.data.thin_counts``,
     keyed by ``seed`` and the cell's row; cells left empty dropped)."""
@@ -233,7 +244,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["xtrimo-3m"], help="checkpoint names or folders")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--sets", nargs="*", default=None, help="subset of data sets (default: all)")
-    ap.add_argument("--baselines", nargs="*", default=["random", "pca", "scvi"])
+    ap.add_argument("--baselines", nargs="*", default=["random", "factors", "pca", "scvi"])
     ap.add_argument("--scvi-seeds", nargs="+", type=int, default=[0],
                     help="scVI trainings per set (each scored with every Leiden seed); one takes minutes on a CPU")
     ap.add_argument("--max-cells", type=int, default=None, help="first N cells of each set (smoke runs)")
@@ -304,6 +315,8 @@ def main() -> None:
                 print(f"{set_name}: embedded with {label} in {time.perf_counter() - t:.0f} s", flush=True)
             for v, e in variants.items():
                 reps[f"{label} [{v}]"] = e
+            if "factors" in args.baselines and not label.startswith("random"):
+                reps[f"{label} gene-table factor scores (linear, no encoder)"] = factor_scores(net, adata)
             if args.adapt_minutes and not label.startswith("random"):
                 tag = f"adapted {args.adapt_minutes:g} min"
                 key = key.with_name(key.stem + f"_adapt{args.adapt_minutes:g}m_dz{args.adapt_decoder_zeros}.npz")

@@ -66,6 +66,10 @@ def extra_terms(args: dict) -> str:
         parts.append(f"a cell-level term (weight {args['cell_weight']}, {args.get('cell_readout', 'bilinear')} read-out: "
                      "the mean-pooled encoder outputs of the corrupted cell predict the masked values, "
                      "`scxtrimo.models.CellExpressionHead`, dropped after training)")
+    if args.get("factor_weight"):
+        parts.append(f"a factor-score term (weight {args['factor_weight']}: the mean-pooled encoder outputs of the "
+                     "corrupted cell, up to a learned scale and shift, regress the real cell's least-squares scores on "
+                     "the frozen gene embedding, `scxtrimo.models.FactorScoreHead`, dropped after training)")
     if args.get("contrast_weight"):
         parts.append(f"a contrastive term (weight {args['contrast_weight']}, temperature "
                      f"{args.get('contrast_temperature', 0.1)}: InfoNCE between the mean-pooled encoder outputs of two "

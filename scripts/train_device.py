@@ -214,7 +214,8 @@ def train(args) -> None:
                             eval_cells=args.eval_cells, random_state=args.seed, max_steps=args.max_steps,
                             masking=MaskingConfig(max_visible=args.max_visible), gene_lr_scale=args.gene_lr_scale,
                             cell_weight=args.cell_weight, cell_readout=args.cell_readout,
-                            contrast_weight=args.contrast_weight, contrast_temperature=args.contrast_temperature)
+                            contrast_weight=args.contrast_weight, contrast_temperature=args.contrast_temperature,
+                            factor_weight=args.factor_weight)
     prior = dict(model.metadata or {})
     seen_before = int(prior.get("cells_seen", 0))
     minutes_before = float(prior.get("minutes", prior.get("wall_time_s", 0.0) / 60))  # tl.pretrain records seconds
@@ -300,6 +301,9 @@ def main(argv=None) -> None:
     t.add_argument("--contrast-weight", type=float, default=0.0,
                    help="weight of a contrastive term between two corruptions of each cell (0: off)")
     t.add_argument("--contrast-temperature", type=float, default=0.1)
+    t.add_argument("--factor-weight", type=float, default=0.0,
+                   help="weight of the factor-score term: the mean-pooled encoder output regresses the real cell's "
+                        "least-squares scores on the (frozen) gene embedding (0: off)")
     t.add_argument("--decoder-zeros", type=int, default=None)
     t.add_argument("--max-visible", type=int, default=None,
                    help="at most this many expressed genes visible to the encoder (the surplus is masked too)")

@@ -178,20 +178,22 @@ def test_gene_lr_scale_must_not_be_negative(tiny_config):
         param_groups(scxtrimo.models.XTrimoGene(tiny_config), -1.0)
 
 
-@pytest.mark.parametrize(("term", "column"), [("cell_weight", "train_cell_mse"), ("contrast_weight", "train_contrast")])
+@pytest.mark.parametrize(("term", "column"), [("cell_weight", "train_cell_mse"), ("contrast_weight", "train_contrast"),
+                                              ("factor_weight", "train_factor_mse")])
 def test_an_extra_term_is_recorded_and_reaches_the_encoder(packed, tiny_config, term, column):
     """cell_weight > 0 trains a CellExpressionHead beside masked regression, contrast_weight > 0
-    adds the contrastive term between two corruptions of each cell: the term's loss is recorded,
+    adds the contrastive term between two corruptions of each cell, factor_weight > 0 trains a
+    FactorScoreHead on the gene table's factor scores: the term's loss is recorded,
     it changes the encoder's update (same seed, same cells and masks) and the model keeps
     exactly its own parameters (no head is saved); negative weights are refused."""
     from scxtrimo._train_corpus import CorpusTrainConfig, train_corpus
 
     corpus = load_corpus(packed[0] / "c.xtc")
 
-    def run(weight):
+    def run(weight, steps=3):
         torch.manual_seed(0)
         model = scxtrimo.models.XTrimoGene(tiny_config)
-        cfg = CorpusTrainConfig(minutes=5.0, batch_size=8, max_steps=3, warmup_steps=1, eval_every_s=1e9,
+        cfg = CorpusTrainConfig(minutes=5.0, batch_size=8, max_steps=steps, warmup_steps=1, eval_every_s=1e9,
                                 eval_cells=8, lr=1e-3, **{term: weight})
         res = train_corpus(model, corpus, cfg, device=torch.device("cpu"), log=lambda m: None)
         return model, res["history"][-1]
@@ -202,6 +204,8 @@ def test_an_extra_term_is_recorded_and_reaches_the_encoder(packed, tiny_config, 
     assert np.isfinite(h1[column]) and h1[column] > 0
     if term == "contrast_weight":  # InfoNCE over 8 cells starts near log 8 and cannot exceed it by much
         assert h1[column] < 2 * np.log(8)
+    if term == "factor_weight":  # standardized targets, the head aligned before the first step: below 1 there
+        assert run(1.0, steps=1)[1][column] < 1.0
     assert set(extra.state_dict()) == set(plain.state_dict())
     w0, w1 = plain.encoder.blocks[0].qkv.weight.detach(), extra.encoder.blocks[0].qkv.weight.detach()
     assert float((w1 - w0).abs().max()) > 1e-6

@@ -21,15 +21,19 @@ from ._device import autocast
 from ._oom import retry_on_oom
 from .data._batching import sortish_batches
 from .data._corpus import Corpus
-from .data._depth import ThinningConfig
+from .data._depth import ThinningConfig, depth_columns, log1p_cp10k
 from .data._masking import MaskingConfig, cell_keys, keyed_uniform
 from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch, view_contrast
 from .models._cell_head import CellExpressionHead
+from .models._factor_head import FactorScoreHead
 from .models._xtrimogene import XTrimoGene
 
 #: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU;
 #: the first name contained in the device's name wins (more specific names first).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+#: Training cells (evenly spaced over the corpus) whose factor scores set the factor-score term's centre and spread.
+FACTOR_STAT_CELLS = 512
 
 
 @dataclass
@@ -71,6 +75,14 @@ class CorpusTrainConfig:
     cells apart, which neither masked regression nor the cell term does. Not in the paper."""
     contrast_temperature: float = 0.1
     """Temperature of the contrastive term's cosine similarities."""
+    factor_weight: float = 0.0
+    """Weight of the factor-score term (0: off): a :class:`~scxtrimo.models.FactorScoreHead`
+    asks the mean-pooled encoder output of the corrupted cell, up to a learned rotation, scale
+    and shift (set in closed form on 512 training cells before the first step), for the real
+    cell's least-squares scores on the gene embedding table as it was when training
+    started (freeze the table with ``gene_lr_scale=0``); its MSE over the factors, averaged over
+    cells, times this weight, is added to the loss. Trained at ``cell_head_lr_scale``. Not in
+    the paper."""
 
 
 def param_groups(model: XTrimoGene, gene_lr_scale: float, head: nn.Module | None = None,
@@ -128,11 +140,13 @@ class _MicroBatches:
 
 
 def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
-          pieces: int, head: CellExpressionHead | None = None) -> tuple[dict[str, float], int]:
+          pieces: int, head: CellExpressionHead | None = None,
+          factor: FactorScoreHead | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step on the cells ``part`` in ``pieces`` micro-batches.
 
     Returns the losses by history column (``train_mse``, the masked MSE; ``train_cell_mse``, the
-    cell-level MSE of ``head``, with one; ``train_contrast``, with ``cfg.contrast_weight``) and the
+    cell-level MSE of ``head``, with one; ``train_factor_mse``, the factor-score MSE of ``factor``,
+    with one; ``train_contrast``, with ``cfg.contrast_weight``) and the
     number of encoder tokens. The contrastive term compares the cells of one micro-batch, so
     unlike the rest it depends on ``pieces``.
 
@@ -141,7 +155,7 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
     """
     opt.zero_grad(set_to_none=True)
     contrast = cfg.contrast_weight > 0
-    pooled = head is not None or contrast
+    pooled = head is not None or factor is not None or contrast
     batches = []
     for pos in np.array_split(np.arange(len(part)), pieces):
         counts = counts_to_device(corpus.counts[part[pos]], device)
@@ -154,7 +168,7 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         batches.append((keys, view(keys), second, len(pos) / len(part)))
     n_t = sum(tb.target.sum() for _, tb, _, _ in batches).clamp(min=1)
     sse_total, cell_total, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    contrast_total = torch.zeros((), device=device)
+    contrast_total, factor_total = torch.zeros((), device=device), torch.zeros((), device=device)
     for keys, tb, second, share in batches:
         with autocast(device):
             out = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
@@ -170,6 +184,10 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
             loss = loss + cfg.cell_weight * cell_sse
             cell_total += cell_sse.detach()
         loss = loss / n_t
+        if factor is not None:
+            factor_sse = factor(cells, tb.values)
+            loss = loss + cfg.factor_weight * factor_sse / len(part)
+            factor_total += factor_sse.detach() / len(part)
         if contrast:
             nce = view_contrast(cells, other, cfg.contrast_temperature)
             loss = loss + cfg.contrast_weight * share * nce
@@ -178,12 +196,15 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         sse_total += sse.detach()
         tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if head is not None:  # clipped on its own: its gradients must not shrink the model's step
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+    for h in (head, factor):  # clipped on their own: their gradients must not shrink the model's step
+        if h is not None:
+            torch.nn.utils.clip_grad_norm_(h.parameters(), cfg.grad_clip)
     opt.step()
     losses = {"train_mse": float(sse_total / n_t)}
     if head is not None:
         losses["train_cell_mse"] = float(cell_total / n_t)
+    if factor is not None:
+        losses["train_factor_mse"] = float(factor_total)
     if contrast:
         losses["train_contrast"] = float(contrast_total)
     return losses, tokens
@@ -214,7 +235,7 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
     dict
         ``history`` (list of dicts: step, cells_seen, elapsed_s, lr, train_mse, val_mse,
         val_pearson, val_thinned_mse, val_thinned_pearson; train_cell_mse with ``cfg.cell_weight``,
-        train_contrast with ``cfg.contrast_weight``) and ``throughput`` (cells/s,
+        train_factor_mse with ``cfg.factor_weight``, train_contrast with ``cfg.contrast_weight``) and ``throughput`` (cells/s,
         encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
         training seconds excluding evaluations).
     """
@@ -227,6 +248,28 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
         gene.requires_grad_(trainable)
 
 
+@torch.no_grad()
+def _factor_head(model: XTrimoGene, corpus: Corpus, rows: np.ndarray, device: torch.device, log) -> FactorScoreHead:
+    """A :class:`~scxtrimo.models.FactorScoreHead` on the model's gene rows, its targets standardized on
+    :data:`FACTOR_STAT_CELLS` training cells spread over the corpus, aligned (rotation, scale,
+    shift) to the model's mean-pooled embeddings of those cells, uncorrupted."""
+    spread = rows[np.linspace(0, len(rows) - 1, min(FACTOR_STAT_CELLS, len(rows))).astype(int)]  # every set
+    values, total = log1p_cp10k(counts_to_device(corpus.counts[spread], device))
+    factor = FactorScoreHead(model.gene_embedding.weight[: model.config.n_genes], values).to(device)
+    inputs = values
+    if model.config.depth_tokens:
+        inputs = torch.cat([values, depth_columns(torch.log10(total), torch.log10(total))], 1)
+    was = model.training
+    model.eval()
+    with autocast(device):
+        cells = torch.cat([model.pooled_visible(inputs[i : i + 32], torch.zeros_like(inputs[i : i + 32], dtype=torch.bool))
+                           for i in range(0, len(spread), 32)])
+    model.train(was)
+    log(f"factor-score term: {len(spread)} cells, MSE {float(factor(cells, values)) / len(spread):.3f} before "
+        f"alignment, {factor.align(cells, values):.3f} after (rotation, scale {float(factor.scale):.3g}, shift)")
+    return factor.train()
+
+
 def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device, on_eval, log) -> dict:
     model.to(device).train()
     rows = corpus.rows("train")
@@ -237,10 +280,16 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
         raise ValueError(f"cell_weight must be >= 0 (0: masked regression alone); got {cfg.cell_weight}.")
     if cfg.contrast_weight < 0:
         raise ValueError(f"contrast_weight must be >= 0 (0: no contrastive term); got {cfg.contrast_weight}.")
-    head = None
+    if cfg.factor_weight < 0:
+        raise ValueError(f"factor_weight must be >= 0 (0: no factor-score term); got {cfg.factor_weight}.")
+    head = factor = None
     if cfg.cell_weight > 0:
         head = CellExpressionHead(model.config.enc_dim, model.config.n_genes, cfg.cell_readout).to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale, head, cfg.cell_head_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    if cfg.factor_weight > 0:
+        factor = _factor_head(model, corpus, rows, device, log)
+    heads = nn.ModuleList([h for h in (head, factor) if h is not None]) or None
+    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale, heads, cfg.cell_head_lr_scale), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, fused=fused)
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
     eval_s = 0.0
@@ -289,7 +338,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
             losses, n_tok = retry_on_oom(
-                lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head),
+                lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head, factor),
                 lambda: micro.double(len(part)), what="train_corpus")
             step += 1
             cells += len(part)
