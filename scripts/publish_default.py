@@ -133,6 +133,8 @@ def main() -> None:
     bench = benchmark_rows(args.benchmark, {
         args.method: "xtrimo-3m (this checkpoint, `tl.embed` defaults)", args.previous: "previous default",
         "co-expression init, untrained [mean]": "its starting point: co-expression gene embedding, no pretraining",
+        "co-expression init: gene-table factor scores (linear, no encoder)":
+            "the gene table's factor scores (linear read-out, no encoder; the factor-score term's teacher)",
         "PCA (2,000 HVGs, 50 PCs)": "PCA (scanpy, 2,000 HVGs, 50 PCs)", "scVI (defaults)": "scVI (scvi-tools defaults)",
         "random weights [max/T=4]": "random weights (depth tokens)", "random weights [max]": "random weights"})
     n_train = int((corpus.split == 0).sum())

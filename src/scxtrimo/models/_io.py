@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "6ca7c6cae045bc7f586f6f4368e633970241d620af1aebb8ac3b355b45c1df7f",
+    "xtrimo-3m": "b5ef7d57b31e27f0aeff1273a5f68c0490c1efd2ac49cbac1471ee0e02e5abac",
 }
 
 
