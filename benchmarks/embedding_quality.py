@@ -151,11 +151,10 @@ def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
 
 
 def factor_scores(model, adata) -> np.ndarray:
-    """``(n_obs, d)`` least-squares scores of the cells' log1p CP10k on the model's gene rows."""
-    a = scxtrimo.pp.align_genes(adata, copy=True)
-    scxtrimo.pp.normalize(a)
+    """``(n_obs, d)`` least-squares scores of the cells' log1p CP10k (the model's own input path,
+    :func:`iter_log1p_blocks`) on the model's gene rows."""
     proj = scxtrimo.models.factor_projection(model.gene_embedding.weight[: model.config.n_genes]).numpy()
-    return np.asarray(sp.csr_matrix(a.X, dtype=np.float32) @ proj)
+    return np.vstack([X @ proj for _, _, X in iter_log1p_blocks(prepare_input(adata))])
 
 
 def thin_to(adata: ad.AnnData, total: float, seed: int = 0, block: int = 256) -> ad.AnnData:
