@@ -147,13 +147,16 @@ def main() -> None:
                  else "random (normal, sd 0.02), as in the paper")
     depth_design = ("**depth tokens** T and S (the authors' released design)" if cfg.depth_tokens
                     else "no depth tokens")
+    zero_mass = (f"decoder zero mass {cfg.decoder_zero_mass:,}: a cell's unexpressed, unmasked genes together count as "
+                 f"{cfg.decoder_zero_mass:,} keys in the decoder's attention, as the sampled training context held "
+                 "(`XTrimoGeneConfig.decoder_zero_mass`; not in the paper); " if cfg.decoder_zero_mass else "")
     card = f"""# Model card: xtrimo-3m (bundled default)
 
 The default checkpoint of scxtrimo, shipped inside the package (no download).
 
 | | |
 |---|---|
-| architecture | xTrimoGene-3M (appendix Table 2): encoder 4 layers / 2 heads / 128 wide (full attention over expressed genes), Performer decoder 2 / 2 / 128 over all genes; feed-forward 2x width; {cfg.nb_features} random features; 100 auto-discretization bins; {depth_design} |
+| architecture | xTrimoGene-3M (appendix Table 2): encoder 4 layers / 2 heads / 128 wide (full attention over expressed genes), Performer decoder 2 / 2 / 128 over all genes; feed-forward 2x width; {cfg.nb_features} random features (`feature_redraw_interval={cfg.feature_redraw_interval}`); {zero_mass}100 auto-discretization bins; {depth_design} |
 | gene embedding initialisation | {gene_init} |
 | pooling (`tl.embed` default) | {bundled.default_pooling} over each cell's expressed genes |
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -167,10 +168,16 @@ def build_model(args, corpus, log=print) -> XTrimoGene:
             model = load(init)
         else:
             model = load_sharded(init)
-        return model
+        mass = getattr(args, "decoder_zero_mass", None)
+        if mass is None or mass == model.config.decoder_zero_mass:
+            return model
+        new = XTrimoGene(dataclasses.replace(model.config, decoder_zero_mass=mass))  # the same weights
+        new.load_state_dict(model.state_dict())
+        new.metadata = model.metadata
+        return new
     torch.manual_seed(args.seed)
     cfg = get_config(args.config)
-    overrides = {"depth_tokens": args.depth_tokens}
+    overrides = {"depth_tokens": args.depth_tokens, "decoder_zero_mass": getattr(args, "decoder_zero_mass", None)}
     if args.nb_features is not None:
         overrides["nb_features"] = args.nb_features
     cfg = XTrimoGeneConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -278,6 +285,9 @@ def main(argv=None) -> None:
         p.add_argument("--config", default="xtrimo-10m")
         p.add_argument("--depth-tokens", action="store_true", help="a new model with the T and S depth tokens")
         p.add_argument("--nb-features", type=int, default=None)
+        p.add_argument("--decoder-zero-mass", type=int, default=None,
+                       help="the model's decoder zero mass (XTrimoGeneConfig.decoder_zero_mass; with --init, the "
+                            "loaded weights under that setting); usually --decoder-zeros")
         p.add_argument("--gene-init", choices=("random", "coexpression"), default="coexpression",
                        help="a new model's gene embedding: random, or co-expression coordinates of the training cells")
         p.add_argument("--value-scale", type=float, default=1.0,

@@ -112,11 +112,15 @@ def test_device_script_trains_writes_outputs_and_merges(packed, tmp_path):
     model = scxtrimo.models.load(ckpt)
     assert model.config.depth_tokens and model.metadata["cells_seen"] == 12
     assert model.metadata["gene_init"] == "coexpression"  # the script's default for a new model
-    # continue from the shards without --config: the run's record names the loaded model, not the default
+    # continue from the shards without --config: the run's record names the loaded model, not the default;
+    # --decoder-zero-mass sets the loaded weights' decoder zero mass
+    assert model.config.decoder_zero_mass is None and model.config.feature_redraw_interval is None
     more = tmp_path / "more"
     subprocess.run([*cmd[:5], "--out", str(more), "--init", str(out), "--max-steps", "1", "--batch-size", "4",
-                    "--eval-cells", "8", "--score-cells", "0", "--device", "cpu", "--minutes", "5"],
+                    "--eval-cells", "8", "--score-cells", "0", "--device", "cpu", "--minutes", "5",
+                    "--decoder-zeros", "256", "--decoder-zero-mass", "256"],
                    check=True, env=subprocess_env(), capture_output=True, timeout=600)
+    assert json.loads((more / "config.json").read_text())["decoder_zero_mass"] == 256
     meta = json.loads((more / "result.json").read_text())["metadata"]
     assert meta["cells_seen"] == 16 and meta["this_run"]["args"]["config"] == "xtrimo-3m"
     assert meta["this_run"]["args"]["depth_tokens"] is True and len(meta["history_before"]) == 1

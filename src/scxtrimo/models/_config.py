@@ -54,6 +54,19 @@ class XTrimoGeneConfig:
         performer-pytorch's choice) or ``"cell"`` (per cell over every head, position and
         feature: the released model's output for one cell, independent of its batch mates).
         Both are exact softmax-kernel features up to the ``1e-4`` floor the kernel adds.
+    feature_redraw_interval
+        Training forward passes between redraws of the decoder's random features; ``None``
+        (default) keeps the features a model was built with. performer-pytorch redraws every
+        1,000 passes; a redraw changes the attention a trained decoder relies on at once
+        (one redraw of the 32 features of the ``xtrimo-3m`` pretrained on the CPU dropped its
+        validation masked-value r from 0.81 to about 0.74, recovered only in part over the
+        next hundred steps), so scxtrimo trains with fixed features.
+    decoder_zero_mass
+        ``None`` (default, the paper): every decoder token counts once in the attention. An
+        int ``Z``: the tokens of a cell's unexpressed, unmasked genes (the value embedding of 0)
+        together count as ``Z`` keys, each weighted ``Z / (number of them in the decoded
+        set)``. A model pretrained with ``decoder_zeros=Z`` sampled zeros then sees the same
+        zero mass when it decodes all 19,264 genes. Not in the paper.
     """
 
     name: str = "xtrimo-3m"
@@ -76,6 +89,8 @@ class XTrimoGeneConfig:
     out_norm: bool = False
     depth_tokens: bool = False
     key_max: str = "head"
+    feature_redraw_interval: int | None = None
+    decoder_zero_mass: int | None = None
 
     def __post_init__(self):
         for prefix in ("enc", "dec"):
@@ -86,6 +101,10 @@ class XTrimoGeneConfig:
             raise ValueError(f"enc_activation={self.enc_activation!r}; choose one of {ACTIVATIONS}.")
         if self.key_max not in KEY_MAX:
             raise ValueError(f"key_max={self.key_max!r}; choose one of {KEY_MAX}.")
+        for field in ("feature_redraw_interval", "decoder_zero_mass"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{field}={value!r}; use a positive integer or None.")
 
     @property
     def n_positions(self) -> int:

@@ -30,12 +30,29 @@ def softmax_features(x: torch.Tensor, projection: torch.Tensor, *, is_query: boo
     return projection.shape[0] ** -0.5 * (torch.exp(u - diag - top.detach()) + 1e-4)
 
 
-class CellKeyFastAttention(FastAttention):
-    """performer-pytorch's non-causal softmax-kernel attention with a per-cell key maximum."""
+class WeightedFastAttention(FastAttention):
+    """performer-pytorch's non-causal softmax-kernel attention, with a choice of key maximum and
+    optional per-token key weights.
+
+    ``key_max="head"`` takes the key maximum per cell and head (performer-pytorch's own
+    computation, used as is when no weights are set); ``"cell"`` per cell over every head,
+    position and feature (:func:`softmax_features`). ``key_weight``, when set (``(B, 1, N, 1)``,
+    by :meth:`Decoder.forward`), multiplies each key's features: a token of weight ``w`` counts
+    in every query's attention sums as ``w`` copies of itself.
+    """
+
+    def __init__(self, dim_heads: int, nb_features: int, key_max: str = "head"):
+        super().__init__(dim_heads, nb_features)
+        self.key_dims = (1, 2, 3) if key_max == "cell" else (2, 3)
+        self.key_weight: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.key_weight is None and self.key_dims == (2, 3):
+            return super().forward(q, k, v)
         q = softmax_features(q, self.projection_matrix, is_query=True)
-        k = softmax_features(k, self.projection_matrix, is_query=False)
+        k = softmax_features(k, self.projection_matrix, is_query=False, key_dims=self.key_dims)
+        if self.key_weight is not None:
+            k = k * self.key_weight.to(k.dtype)
         return linear_attention(q, k, v)
 
 
@@ -44,14 +61,14 @@ class Decoder(nn.Module):
 
     ``forward(x)``: ``(batch, n_genes, dim)`` -> ``(batch, n_genes, dim)``. Each layer is
     ``x + Attention(LN(x))`` then ``x + FFN(LN(x))`` with an exact-GELU feed-forward of
-    ``ff_mult x dim``. The random feature projections are redrawn every 1,000 training calls
-    (performer-pytorch's default) and are saved with the weights, so a loaded model reproduces
-    its outputs exactly. ``key_max="cell"`` replaces performer-pytorch's per-head key maximum
-    by a per-cell one (:func:`softmax_features`).
+    ``ff_mult x dim``. The random feature projections are saved with the weights, so a loaded
+    model reproduces its outputs exactly; ``redraw_interval`` training calls redraw them
+    (performer-pytorch's default is 1,000), ``None`` keeps them fixed. ``key_max="cell"``
+    replaces performer-pytorch's per-head key maximum by a per-cell one (:func:`softmax_features`).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, ff_mult: int, nb_features: int | None, dropout: float = 0.0,
-                 *, dim_head: int | None = None, key_max: str = "head"):
+                 *, dim_head: int | None = None, key_max: str = "head", redraw_interval: int | None = None):
         super().__init__()
         self.performer = Performer(
             dim=dim,
@@ -62,15 +79,26 @@ class Decoder(nn.Module):
             nb_features=nb_features,
             ff_dropout=dropout,
             attn_dropout=dropout,
+            feature_redraw_interval=redraw_interval,
         )
-        if key_max == "cell":
-            for layer in self.performer.net.layers:
-                attn = layer[0].fn
-                old = attn.fast_attention
-                new = CellKeyFastAttention(old.dim_heads, old.nb_features)
-                new.projection_matrix.copy_(old.projection_matrix)
-                attn.fast_attention = new
+        for layer in self.performer.net.layers:
+            attn = layer[0].fn
+            old = attn.fast_attention
+            new = WeightedFastAttention(old.dim_heads, old.nb_features, key_max)
+            new.projection_matrix.copy_(old.projection_matrix)
+            attn.fast_attention = new
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.performer(x))
+    def forward(self, x: torch.Tensor, key_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``(B, N, dim)``; ``key_weight``: optional ``(B, N)`` weight of each token as a key
+        (:class:`WeightedFastAttention`; ``None``: every token counts once)."""
+        if key_weight is None:
+            return self.norm(self.performer(x))
+        attentions = [m for m in self.modules() if isinstance(m, WeightedFastAttention)]
+        for attn in attentions:
+            attn.key_weight = key_weight[:, None, :, None]
+        try:
+            return self.norm(self.performer(x))
+        finally:
+            for attn in attentions:
+                attn.key_weight = None

@@ -65,7 +65,8 @@ class XTrimoGene(nn.Module):
                                norm_first=cfg.enc_norm_first, activation=cfg.enc_activation)
         self.decoder_proj = nn.Linear(cfg.enc_dim, cfg.dec_dim)
         self.decoder = Decoder(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.dec_ff_mult, cfg.nb_features, cfg.dropout,
-                               dim_head=cfg.dec_dim_head, key_max=cfg.key_max)
+                               dim_head=cfg.dec_dim_head, key_max=cfg.key_max,
+                               redraw_interval=cfg.feature_redraw_interval)
         self.head = nn.Linear(cfg.dec_dim, 1)
         self.out_norm = nn.LayerNorm(cfg.dec_dim) if cfg.out_norm else None
         self.reset_parameters()
@@ -143,16 +144,27 @@ class XTrimoGene(nn.Module):
         gmean = _mean_over(h, gene.squeeze(-1))
         return torch.cat([pick(at_s), pick(at_t), gmax, gmean], dim=-1)
 
-    def _decoder_states(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, enc_dim)`` decoder input -> ``(B, N, dec_dim)`` outputs before the ``d -> 1`` head."""
-        h = self.decoder(self.decoder_proj(x))
+    def _zero_weights(self, zero: torch.Tensor) -> torch.Tensor | None:
+        """Key weights ``(B, N)`` of the decoder tokens given which are unexpressed, unmasked genes
+        (``zero``, ``(B, N)`` bool): ``decoder_zero_mass`` shared among those, 1 elsewhere;
+        ``None`` without a zero mass."""
+        mass = self.config.decoder_zero_mass
+        if mass is None:
+            return None
+        n = zero.sum(1, keepdim=True).clamp(min=1)
+        return torch.where(zero, mass / n, torch.ones((), device=zero.device))
+
+    def _decoder_states(self, x: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N, enc_dim)`` decoder input -> ``(B, N, dec_dim)`` outputs before the ``d -> 1`` head;
+        ``zero``: ``(B, N)`` bool, the tokens of unexpressed, unmasked genes (for ``decoder_zero_mass``)."""
+        h = self.decoder(self.decoder_proj(x), None if zero is None else self._zero_weights(zero))
         if self.out_norm is not None:
             h = self.out_norm(h)
         return h
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, N, enc_dim)`` decoder input -> ``(B, N)`` predicted values."""
-        return self.head(self._decoder_states(x)).squeeze(-1)
+        return self.head(self._decoder_states(x, zero)).squeeze(-1)
 
     def _check_inputs(self, inputs: torch.Tensor) -> None:
         n_pos, n = self.config.n_positions, self.config.n_genes
@@ -217,8 +229,8 @@ class XTrimoGene(nn.Module):
             ``(B, n_genes)``: the head's output, on the log1p CP10k scale.
         """
         self._check_inputs(inputs)
-        dec_in, _, _ = self._decoder_input(inputs, torch.zeros_like(inputs, dtype=torch.bool))
-        h = self._decoder_states(dec_in)[:, : self.config.n_genes]
+        dec_in, visible, _ = self._decoder_input(inputs, torch.zeros_like(inputs, dtype=torch.bool))
+        h = self._decoder_states(dec_in, ~visible)[:, : self.config.n_genes]
         return h, self.head(h).squeeze(-1)
 
     # ---- full model ---------------------------------------------------------------------
@@ -275,9 +287,9 @@ class XTrimoGene(nn.Module):
 
     def _predict(self, dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores) -> torch.Tensor:
         """Decoder predictions ``(B, n_positions)``: all positions, or the ``decoder_zeros`` subset (others 0)."""
-        if decoder_zeros is None:
-            return self._decode(dec_in)
         must = visible | is_mask
+        if decoder_zeros is None:
+            return self._decode(dec_in, ~must)
         if keep is not None:
             must = must | keep
         width = min(inputs.shape[1], int(must.sum(1).max()) + int(decoder_zeros))
@@ -286,5 +298,5 @@ class XTrimoGene(nn.Module):
         score = zero_scores.masked_fill(must, -1.0)
         idx = score.topk(width, dim=1, largest=False).indices.sort(dim=1).values
         sub = dec_in.gather(1, idx.unsqueeze(-1).expand(-1, -1, dec_in.shape[-1]))
-        pred = self._decode(sub)
+        pred = self._decode(sub, ~(visible | is_mask).gather(1, idx))
         return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)
