@@ -167,7 +167,7 @@ The default checkpoint of scxtrimo, shipped inside the package (no download).
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |
 | hardware | CPU only: 2 cores of an AMD EPYC (AVX2), fp32, torch {torch.__version__} |
-| held-out test cells ({len(test)} cells, full-length decoder) | masked-value MSE {plain['mse']:.4f}, Pearson r **{plain['pearson']:.3f}** ({plain['n_targets']:,} masked positions); on the same cells thinned: MSE {thinned['mse']:.4f}, r {thinned['pearson']:.3f} |
+| held-out test cells ({len(test)} cells, full-length decoder{f', zero mass {cfg.decoder_zero_mass:,}' if cfg.decoder_zero_mass else ''}) | masked-value MSE {plain['mse']:.4f}, Pearson r **{plain['pearson']:.3f}** ({plain['n_targets']:,} masked positions); on the same cells thinned: MSE {thinned['mse']:.4f}, r {thinned['pearson']:.3f} |
 
 ## Embedding quality (`benchmarks/embedding_quality.py`)
 

@@ -75,7 +75,9 @@ def test_bundled_checkpoint_loads_and_matches_registry():
     assert model.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
     assert model.config.name == "xtrimo-3m" and model.n_parameters() > 2.5e6
     meta = model.metadata
-    assert meta["cells_seen"] > 13000 and meta["gene_init"] == "coexpression" and meta["pooling"] == "mean"
+    assert meta["cells_seen"] > 26000 and meta["gene_init"] == "coexpression" and meta["pooling"] == "mean"
     last = meta["this_run"]["args"]  # how it was trained: cell and factor-score terms, the gene embedding frozen
     assert last["cell_weight"] == 1.0 and last["cell_readout"] == "dot" and last["gene_lr_scale"] == 0.0
-    assert last["factor_weight"] == 2.0
+    assert last["factor_weight"] == 2.0 and last["decoder_zeros"] == 1024
+    # decoding all genes, its unexpressed genes weigh as the 1,024 sampled ones it was trained with
+    assert model.config.decoder_zero_mass == 1024 and model.config.feature_redraw_interval is None

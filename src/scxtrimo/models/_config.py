@@ -59,8 +59,8 @@ class XTrimoGeneConfig:
         (default) keeps the features a model was built with. performer-pytorch redraws every
         1,000 passes; a redraw changes the attention a trained decoder relies on at once
         (one redraw of the 32 features of the ``xtrimo-3m`` pretrained on the CPU dropped its
-        validation masked-value r from 0.81 to about 0.74, recovered only in part over the
-        next hundred steps), so scxtrimo trains with fixed features.
+        validation masked-value r from 0.81 to 0.71-0.72; in training it recovered only in
+        part over the next hundred steps), so scxtrimo trains with fixed features.
     decoder_zero_mass
         ``None`` (default, the paper): every decoder token counts once in the attention. An
         int ``Z``: the tokens of a cell's unexpressed, unmasked genes (the value embedding of 0)

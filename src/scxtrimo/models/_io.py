@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "b5ef7d57b31e27f0aeff1273a5f68c0490c1efd2ac49cbac1471ee0e02e5abac",
+    "xtrimo-3m": "60dc419b5336adf08b9f895ad09e1a5b0d94a840bc723e864bf62f10b286b017",
 }
 
 
