@@ -48,7 +48,7 @@ def main() -> None:
         print(json.dumps({"model": args.model, **row}), flush=True)
 
     val = corpus.rows("validation")[: args.cells]
-    kw = dict(device=cpu, batch_size=16, totals=corpus.total[val], decoder_zeros=args.decoder_zeros, seed=12345)
+    kw = {"device": cpu, "batch_size": 16, "totals": corpus.total[val], "decoder_zeros": args.decoder_zeros, "seed": 12345}
     if args.redraws:
         model = XTrimoGene(base.config)
         model.load_state_dict(base.state_dict())
