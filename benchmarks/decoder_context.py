@@ -17,6 +17,7 @@ Two measurements on one checkpoint, with the same keyed masks for every variant 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 
@@ -37,7 +38,7 @@ def main() -> None:
 
     from scxtrimo.data._corpus import load_corpus
     from scxtrimo.data._objective import evaluate_masked
-    from scxtrimo.models import XTrimoGene, load
+    from scxtrimo.models import load
     from scxtrimo.models._decoder import WeightedFastAttention
 
     corpus = load_corpus(args.corpus)
@@ -50,8 +51,7 @@ def main() -> None:
     val = corpus.rows("validation")[: args.cells]
     kw = {"device": cpu, "batch_size": 16, "totals": corpus.total[val], "decoder_zeros": args.decoder_zeros, "seed": 12345}
     if args.redraws:
-        model = XTrimoGene(base.config)
-        model.load_state_dict(base.state_dict())
+        model = copy.deepcopy(base)  # redrawn below; the zero-mass runs keep the checkpoint's features
         report(cells="validation", features="the checkpoint's", **evaluate_masked(model, corpus.counts[val], **kw))
         for seed in range(args.redraws):
             torch.manual_seed(seed)
@@ -62,9 +62,8 @@ def main() -> None:
 
     test = corpus.rows("test")[: args.cells]
     for mass in [None if z == "none" else int(z) for z in args.zero_mass]:
-        model = XTrimoGene(dataclasses.replace(base.config, decoder_zero_mass=mass))
-        model.load_state_dict(base.state_dict())
-        r = evaluate_masked(model, corpus.counts[test], device=cpu, batch_size=8, seed=7, totals=corpus.total[test])
+        base.config = dataclasses.replace(base.config, decoder_zero_mass=mass)  # read at each forward
+        r = evaluate_masked(base, corpus.counts[test], device=cpu, batch_size=8, seed=7, totals=corpus.total[test])
         report(cells="test", decoder="all genes", zero_mass=mass, **r)
 
 

@@ -169,12 +169,9 @@ def build_model(args, corpus, log=print) -> XTrimoGene:
         else:
             model = load_sharded(init)
         mass = getattr(args, "decoder_zero_mass", None)
-        if mass is None or mass == model.config.decoder_zero_mass:
-            return model
-        new = XTrimoGene(dataclasses.replace(model.config, decoder_zero_mass=mass))  # the same weights
-        new.load_state_dict(model.state_dict())
-        new.metadata = model.metadata
-        return new
+        if mass is not None:  # read at each forward: the same weights, no rebuild
+            model.config = dataclasses.replace(model.config, decoder_zero_mass=mass)
+        return model
     torch.manual_seed(args.seed)
     cfg = get_config(args.config)
     overrides = {"depth_tokens": args.depth_tokens, "decoder_zero_mass": getattr(args, "decoder_zero_mass", None)}

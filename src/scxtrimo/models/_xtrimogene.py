@@ -287,16 +287,15 @@ class XTrimoGene(nn.Module):
 
     def _predict(self, dec_in, inputs, is_mask, visible, keep, decoder_zeros, generator, zero_scores) -> torch.Tensor:
         """Decoder predictions ``(B, n_positions)``: all positions, or the ``decoder_zeros`` subset (others 0)."""
-        must = visible | is_mask
+        zero = ~(visible | is_mask)  # unexpressed, unmasked genes (for decoder_zero_mass)
         if decoder_zeros is None:
-            return self._decode(dec_in, ~must)
-        if keep is not None:
-            must = must | keep
+            return self._decode(dec_in, zero)
+        must = ~zero if keep is None else ~zero | keep
         width = min(inputs.shape[1], int(must.sum(1).max()) + int(decoder_zeros))
         if zero_scores is None:
             zero_scores = torch.rand(inputs.shape, generator=generator, device=inputs.device)
         score = zero_scores.masked_fill(must, -1.0)
         idx = score.topk(width, dim=1, largest=False).indices.sort(dim=1).values
         sub = dec_in.gather(1, idx.unsqueeze(-1).expand(-1, -1, dec_in.shape[-1]))
-        pred = self._decode(sub, ~(visible | is_mask).gather(1, idx))
+        pred = self._decode(sub, zero.gather(1, idx))
         return torch.zeros(inputs.shape, dtype=pred.dtype, device=pred.device).scatter(1, idx, pred)
