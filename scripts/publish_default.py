@@ -5,6 +5,10 @@
         --corpus runs/corpus.xtc --benchmark docs/benchmarks/embedding_quality.csv \\
         --method "ckpt_cont_depth [max/T=4]" --previous "xtrimo-3m [max]"
 
+A checkpoint that continues the bundled one (``--init src/scxtrimo/models/checkpoints/xtrimo-3m``)
+can keep the bundled card's training curve and add only its own segments: ``--continue-card
+--histories runs/NEW/history.csv``.
+
 The checkpoint folder is one written by ``scripts/train_device.py merge`` (or ``model.save``).
 Saves it as float16 into ``src/scxtrimo/models/checkpoints/xtrimo-3m/``, writes its sha256 into
 the bundled registry (``models/_io.py``), measures pbmc3k clustering with ``tl.embed``'s defaults
@@ -34,17 +38,30 @@ REPO = Path(__file__).resolve().parents[1]
 DEST = REPO / "src" / "scxtrimo" / "models" / "checkpoints" / "xtrimo-3m"
 
 
-def curve(paths: list[str]) -> pd.DataFrame:
-    """Training segments one after the other: cells seen and minutes carried over."""
-    parts, cells, minutes = [], 0, 0.0
+def curve(paths: list[str], *, first_segment: int = 1, cells: int = 0, minutes: float = 0.0) -> pd.DataFrame:
+    """Training segments one after the other: cells seen and minutes carried over (from ``cells``
+    and ``minutes`` of earlier segments, numbered from ``first_segment``)."""
+    parts = []
     for i, p in enumerate(paths):
         h = pd.read_csv(p)
-        h["segment"] = i + 1
+        h["segment"] = i + first_segment
         h["cells_seen"] += cells
         h["minutes"] = h["elapsed_s"] / 60 + minutes
         cells, minutes = int(h["cells_seen"].iloc[-1]), float(h["minutes"].iloc[-1])
         parts.append(h)
     return pd.concat(parts, ignore_index=True)
+
+
+def card_curve(card: Path) -> list[str]:
+    """The training-curve rows (markdown table lines) of a model card written by this script."""
+    text = card.read_text()
+    if "## Training curve" not in text:
+        raise ValueError(f"{card} has no 'Training curve' section to continue.")
+    section = text.split("## Training curve", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| \d+ \| ", line)]
+    if not rows:
+        raise ValueError(f"{card}'s training curve has no rows to continue.")
+    return rows
 
 
 def benchmark_rows(csv: str, names: dict[str, str]) -> str:
@@ -83,6 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--histories", nargs="*", default=[], help="history.csv of each training segment, in order")
+    ap.add_argument("--continue-card", action="store_true",
+                    help="keep the bundled model card's training-curve rows and add --histories after them (the new "
+                         "segments continue the bundled checkpoint, whose earlier histories need not be at hand)")
     ap.add_argument("--corpus", default="runs/corpus.xtc")
     ap.add_argument("--benchmark", default="docs/benchmarks/embedding_quality.csv")
     ap.add_argument("--method", required=True, help="this checkpoint's method name in the benchmark CSV")
@@ -94,6 +114,12 @@ def main() -> None:
 
     model = scxtrimo.models.load(args.checkpoint)
     meta = dict(model.metadata)
+    earlier, offset = [], {}
+    if args.continue_card:
+        earlier = card_curve(DEST / "MODEL_CARD.md")
+        last = [c.strip() for c in earlier[-1].strip("|").split("|")]
+        offset = {"first_segment": int(last[0]) + 1, "cells": int(last[2].replace(",", "")),
+                  "minutes": float(scxtrimo.models.load("xtrimo-3m").metadata.get("minutes", last[3]))}
     if args.pooling is not None:
         meta["pooling"] = args.pooling
     folder = model.save(DEST, dtype=torch.float16, metadata=meta)
@@ -121,15 +147,15 @@ def main() -> None:
     plain = evaluate_masked(bundled, corpus.counts[test], **kw)
     thinned = evaluate_masked(bundled, corpus.counts[test], thinning=ThinningConfig(p_thin=1.0), **kw)
 
-    hist = curve(args.histories) if args.histories else None
+    hist = curve(args.histories, **offset) if args.histories else None
     rows = "\n".join(
         f"| {name} | {s['ari']:.3f} | {s['nmi']:.3f} | {s['homogeneity']:.3f} | {s['completeness']:.3f} | {s['silhouette']:.3f} |"
         for name, s in (("xtrimo-3m (this checkpoint)", xt), ("same architecture, random weights", rnd),
                         ("PCA of 2,000 HVGs (scanpy)", pc)))
-    table = "\n".join(
+    table = "\n".join(earlier + [
         f"| {int(r.segment)} | {int(r.step)} | {int(r.cells_seen):,} | {r.minutes:.0f} | {r.train_mse:.4f} | {r.val_mse:.4f} | "
-        f"{r.val_pearson:.3f} | {r.val_thinned_mse:.4f} | {r.val_thinned_pearson:.3f} |" for r in hist.itertuples()) \
-        if hist is not None else "| - | 0 | 0 | 0 | - | - | - | - | - |"
+        f"{r.val_pearson:.3f} | {r.val_thinned_mse:.4f} | {r.val_thinned_pearson:.3f} |" for r in (hist.itertuples() if hist is not None else ())]) \
+        or "| - | 0 | 0 | 0 | - | - | - | - | - |"
     bench = benchmark_rows(args.benchmark, {
         args.method: "xtrimo-3m (this checkpoint, `tl.embed` defaults)", args.previous: "previous default",
         "co-expression init, untrained [mean]": "its starting point: co-expression gene embedding, no pretraining",
