@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "60dc419b5336adf08b9f895ad09e1a5b0d94a840bc723e864bf62f10b286b017",
+    "xtrimo-3m": "fed56f15e583621b07dc0be3e495ceed31e56e2eaf0315e0d0f6f3ec12c70f0f",
 }
 
 
