@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 import scxtrimo
 from scxtrimo.models import XTrimoGene, load
 from scxtrimo.models import _io
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +90,18 @@ def test_bundled_model_card_matches_the_checkpoint():
     """The card's training curve has one segment per training run in the metadata and ends at the
     checkpoint's cells seen and minutes (``scripts/publish_default.py --continue-card`` carries
     earlier segments over from the card, so a broken carry-over shows here)."""
-    import re
-
-    model = load("xtrimo-3m")
-    meta = model.metadata
-    card = (_io._bundled_dir("xtrimo-3m") / "MODEL_CARD.md").read_text()
-    curve = card.split("## Training curve", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in curve.splitlines()
-            if re.match(r"\| \d+ \| \d+ \| ", line)]
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from publish_default import card_curve
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    meta = load("xtrimo-3m").metadata
+    card = _io._bundled_dir("xtrimo-3m") / "MODEL_CARD.md"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in card_curve(card)]
     segments = [int(r[0]) for r in rows]
     assert segments == sorted(segments) and set(segments) == set(range(1, len(meta["history_before"]) + 2))
     cells = [int(r[2].replace(",", "")) for r in rows]
     assert cells == sorted(cells) and cells[-1] == meta["cells_seen"]
     assert abs(int(rows[-1][3]) - meta["minutes"]) <= 1
-    assert f"{meta['cells_seen']:,}" in card and _io.BUNDLED["xtrimo-3m"] in card
+    text = card.read_text()
+    assert f"{meta['cells_seen']:,}" in text and _io.BUNDLED["xtrimo-3m"] in text
