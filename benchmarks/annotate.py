@@ -122,10 +122,11 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             probe = method == "scxtrimo linear probe"
             pool = train_pool.copy()
             if probe:
-                clf = scxtrimo.tl.annotate(pool, labels_key=labels_key, freeze="all", use_rep="X_xtrimo",
+                clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze="all", use_rep="X_xtrimo",
                                            random_state=seed, epochs=40, patience=6, progress=False)
             else:
-                clf = scxtrimo.tl.annotate(pool, labels_key=labels_key, freeze=args.finetune_freeze, random_state=seed,
+                clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze=args.finetune_freeze,
+                                           random_state=seed,
                                            epochs=args.epochs, patience=2, warm_start=not method.endswith("(cold head)"),
                                            lr=args.finetune_lr, head_lr=args.finetune_head_lr, progress=False)
             if test_pool is None:
@@ -165,11 +166,16 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=["pbmc3k", "cellbench", "cellbench transfer"])
     ap.add_argument("--transfer-train", default="sc_dropseq", help="batch to train on (predicted on all other batches)")
     ap.add_argument("--out", default="docs/benchmarks/annotate.csv")
+    ap.add_argument("--model", default="xtrimo-3m",
+                    help="checkpoint to embed with and fine-tune (a registry name or a folder; default the bundled one)")
     args = ap.parse_args()
     args.finetune_freeze = args.finetune_freeze if args.finetune_freeze in ("none", "all") else int(args.finetune_freeze)
 
     pbmc, cb = None, None
-    embed = scxtrimo.tl.embed if "scxtrimo linear probe" in args.methods else (lambda adata: None)
+    def embed(adata) -> None:
+        if "scxtrimo linear probe" in args.methods:
+            scxtrimo.tl.embed(adata, model=args.model)
+
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
@@ -179,6 +185,9 @@ def main():
         if task != "pbmc3k" and cb is None:
             cb = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
             cb = cb[cb.obs["cell_type"] != "doublet"].copy()
+            if "cellbench" not in args.tasks:  # the transfer alone: embed only its training and test cells
+                src_types = set(cb.obs.loc[cb.obs["batch"] == args.transfer_train, "cell_type"])
+                cb = cb[cb.obs["cell_type"].isin(src_types)].copy()
             embed(cb)
         for seed in args.seeds:
             if task == "pbmc3k":

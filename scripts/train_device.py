@@ -212,7 +212,7 @@ def train(args) -> None:
     args.config, args.depth_tokens = model.config.name, model.config.depth_tokens  # what --init loaded, in the run's record
     log(f"model {model.config.name} depth_tokens={model.config.depth_tokens} parameters={model.n_parameters():,} "
         f"init={args.init or 'random'} device={device}")
-    thinning = ThinningConfig(p_thin=args.p_thin) if args.p_thin > 0 else None
+    thinning = ThinningConfig(p_thin=args.p_thin, capture_sd=args.capture_sd) if args.p_thin > 0 else None
     cfg = CorpusTrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                             decoder_zeros=args.decoder_zeros, thinning=thinning, eval_every_s=args.eval_every_s,
                             eval_cells=args.eval_cells, random_state=args.seed, max_steps=args.max_steps,
@@ -295,6 +295,8 @@ def main(argv=None) -> None:
     t.add_argument("--out", default=os.environ.get("OUT", "runs/device"))
     t.add_argument("--minutes", type=float, default=8.0)
     t.add_argument("--p-thin", type=float, default=0.5, help="share of cells thinned per step (0: no thinning)")
+    t.add_argument("--capture-sd", type=float, default=0.0,
+                   help="thinned cells also get per-gene capture efficiencies exp(-sd |z|) (ThinningConfig.capture_sd; 0: off)")
     t.add_argument("--init", default=None, help="continue from a checkpoint folder (or a folder of this script's shards)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)

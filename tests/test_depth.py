@@ -10,7 +10,7 @@ import torch
 import scxtrimo
 from scxtrimo.data import MaskingConfig, cell_keys
 from scxtrimo.data._depth import (
-    ThinningConfig, append_depth, depth_aware_inputs, log1p_cp10k, target_depth, thin_counts, thinning_fractions,
+    ThinningConfig, append_depth, capture_efficiencies, depth_aware_inputs, log1p_cp10k, target_depth, thin_counts, thinning_fractions,
 )
 from scxtrimo.data._objective import training_batch
 from scxtrimo.data._prepare import counts_rows, prepare_input
@@ -54,6 +54,28 @@ def test_thinning_depends_only_on_the_cells_own_key(counts):
     assert torch.equal(shuffled, whole[order])
     alone = thin_counts(counts[5:6], f[5:6], keys[5:6])
     assert torch.equal(alone, whole[5:6])
+
+
+def test_capture_efficiencies_are_half_normal_in_log_space_and_keyed(counts):
+    keys = torch.arange(2000, dtype=torch.int64).repeat_interleave(50)
+    cols = torch.arange(50, dtype=torch.int64).repeat(2000)
+    e = capture_efficiencies(keys, cols, 0.7)
+    assert bool((e > 0).all()) and bool((e <= 1).all())
+    z = -torch.log(e) / 0.7  # |N(0, 1)|: mean sqrt(2 / pi) = 0.798, E z^2 = 1
+    assert abs(float(z.mean()) - 0.798) < 0.02 and abs(float((z ** 2).mean()) - 1.0) < 0.03
+    assert torch.equal(capture_efficiencies(keys.flip(0), cols.flip(0), 0.7), e.flip(0))
+    # thinning with capture: each gene's expected kept share is f * e, read by read
+    ckeys = cell_keys(0, 0, np.arange(counts.shape[0]))
+    f = torch.full((counts.shape[0],), 0.8)
+    thin = thin_counts(counts, f, ckeys, capture_sd=0.7)
+    assert torch.equal(thin, thin.round()) and bool((thin <= counts).all())
+    rows, gcols = counts.nonzero(as_tuple=True)
+    p = 0.8 * capture_efficiencies(ckeys[rows], gcols, 0.7)
+    c = counts[rows, gcols].double()
+    assert abs(float(thin[rows, gcols].sum() / (c * p).sum()) - 1.0) < 0.01
+    dev = ((thin[rows, gcols] - c * p) ** 2).sum() / (c * p * (1 - p)).sum()
+    assert 0.9 < float(dev) < 1.1
+    assert torch.equal(thin_counts(counts, f, ckeys, capture_sd=0.0), thin_counts(counts, f, ckeys))
 
 
 def test_thinning_fractions_follow_the_config(counts):

@@ -35,11 +35,18 @@ class ThinningConfig:
     to a fraction ``f`` of its reads, ``f ~ Beta(2, 2)`` clipped to ``[min_fraction, 1]``: each
     read is kept independently with probability ``f`` (binomial downsampling). Other cells
     are left as they are (then ``S = T``).
+
+    ``capture_sd > 0`` also gives every thinned cell its own per-gene capture efficiencies
+    (not in the paper; a platform-style augmentation): gene ``g`` keeps each read with
+    probability ``f * exp(-capture_sd * |z_g|)``, ``z_g ~ N(0, 1)`` drawn per cell and gene.
+    Protocols differ mostly by such gene-specific capture (which genes are detected, and how
+    strongly), so a model asked for the real cell from such an input learns to ignore them.
     """
 
     p_thin: float = 0.5
     min_total: float = 1000.0
     min_fraction: float = 0.05
+    capture_sd: float = 0.0
 
 
 def target_depth(totals: np.ndarray, value: float = 4.0, mode: str = "fixed") -> np.ndarray:
@@ -89,13 +96,30 @@ def thinning_fractions(totals: torch.Tensor, keys: torch.Tensor, config: Thinnin
     return torch.where(thin, f, torch.ones_like(f))
 
 
-def thin_counts(counts: torch.Tensor, fractions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def capture_efficiencies(keys: torch.Tensor, cols: torch.Tensor, capture_sd: float) -> torch.Tensor:
+    """Per-(cell, gene) capture efficiencies ``exp(-capture_sd * |z|)`` in ``(0, 1]`` (float32).
+
+    ``keys`` and ``cols`` are matching 1-D int64 tensors (a cell's key and a gene index per
+    entry); ``z ~ N(0, 1)`` is a Box-Muller draw from two hashes of (key, gene), so a gene's
+    efficiency in a cell never depends on the cell's batch mates or reads.
+    """
+    k = keys.to(torch.int64) & _M32
+    u1 = _uniform(_keyed_hash(k, cols, 16)).clamp(min=1.0 / (1 << 24))
+    u2 = _uniform(_keyed_hash(k, cols, 17))
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    return torch.exp(-float(capture_sd) * z.abs())
+
+
+def thin_counts(counts: torch.Tensor, fractions: torch.Tensor, keys: torch.Tensor, *,
+                capture_sd: float = 0.0) -> torch.Tensor:
     """Binomial thinning of ``(B, n)`` integer counts: each read kept with its cell's probability.
 
     Exact: every read of every gene gets its own uniform, a hash of (cell key, gene, read
-    index), so ``thin_counts(c)[i, g] ~ Binomial(c[i, g], fractions[i])`` independently. The
-    result is integer-valued, at most ``counts`` and of the same dtype. Counts must be below
-    ``2**16`` per entry (the packed corpus stores uint16).
+    index), so ``thin_counts(c)[i, g] ~ Binomial(c[i, g], fractions[i])`` independently. With
+    ``capture_sd > 0`` the probability is ``fractions[i] * e[i, g]``, ``e`` from
+    :func:`capture_efficiencies` (cells with ``fractions[i] == 1`` are thinned too: callers
+    pass only the cells to thin). The result is integer-valued, at most ``counts`` and of the
+    same dtype. Counts must be below ``2**16`` per entry (the packed corpus stores uint16).
     """
     rows, cols = counts.nonzero(as_tuple=True)
     c = counts[rows, cols].to(torch.int64)
@@ -103,11 +127,14 @@ def thin_counts(counts: torch.Tensor, fractions: torch.Tensor, keys: torch.Tenso
         return counts.clone()
     if int(c.max()) >= 1 << 16:
         raise ValueError("thin_counts takes counts below 65,536 per gene and cell.")
+    p = fractions.to(torch.float32)[rows]  # (entries,)
+    if capture_sd > 0:
+        p = p * capture_efficiencies(keys[rows], cols, capture_sd)
     entry = torch.repeat_interleave(torch.arange(c.numel(), device=c.device), c)  # (reads,)
     read = torch.arange(entry.numel(), device=c.device) - torch.repeat_interleave(torch.cumsum(c, 0) - c, c)
     k = (keys.to(torch.int64) & _M32)[rows[entry]]
     u = _uniform(_keyed_hash(k, (cols[entry] << 16) | read, 15))
-    kept = (u < fractions.to(torch.float32)[rows[entry]]).to(counts.dtype)
+    kept = (u < p[entry]).to(counts.dtype)
     out = torch.zeros_like(counts)
     out[rows, cols] = torch.zeros(c.numel(), dtype=counts.dtype, device=c.device).index_add_(0, entry, kept)
     return out
@@ -155,7 +182,7 @@ def depth_aware_inputs(counts: torch.Tensor, keys: torch.Tensor, config: Thinnin
     if totals is not None:
         total = totals.to(torch.float64)
     f = thinning_fractions(total, keys, config)
-    thinned = torch.where((f < 1)[:, None], thin_counts(counts, f, keys), counts)
+    thinned = torch.where((f < 1)[:, None], thin_counts(counts, f, keys, capture_sd=config.capture_sd), counts)
     observed, seen = log1p_cp10k(thinned)
     seen = torch.where(f < 1, seen, total)
     return observed, target, depth_columns(torch.log10(total), torch.log10(seen))
