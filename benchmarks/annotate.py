@@ -136,7 +136,7 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
                 scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, progress=False)
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
             report = pool.uns["xtrimo"]["annotate"]
-            extra = {"best_epoch": report["best_epoch"]}
+            extra = {"best_epoch": report["best_epoch"], "pooling": args.model.default_pooling}
             if not probe:
                 extra.update(lr=args.finetune_lr, head_lr=args.finetune_head_lr)
                 # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
@@ -168,8 +168,16 @@ def main():
     ap.add_argument("--out", default="docs/benchmarks/annotate.csv")
     ap.add_argument("--model", default="xtrimo-3m",
                     help="checkpoint to embed with and fine-tune (a registry name or a folder; default the bundled one)")
+    ap.add_argument("--pooling", default=None, choices=["max", "mean", "all"],
+                    help="pooling of the embedding and of fine-tuning (default: the checkpoint's own, "
+                         "XTrimoGene.default_pooling; a folder written by scripts/train_device.py merge has none: max)")
     args = ap.parse_args()
     args.finetune_freeze = args.finetune_freeze if args.finetune_freeze in ("none", "all") else int(args.finetune_freeze)
+    model = scxtrimo.models.load(args.model)
+    if args.pooling is not None:  # tl.embed and tl.annotate pool as the checkpoint says
+        model.metadata = {**(model.metadata or {}), "pooling": args.pooling}
+    print(f"checkpoint {args.model} (sha256 {model.checkpoint_sha256}), pooling {model.default_pooling}", flush=True)
+    args.model = model  # tl.annotate fine-tunes a copy
 
     pbmc, cb = None, None
     def embed(adata) -> None:

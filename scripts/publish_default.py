@@ -76,9 +76,23 @@ def benchmark_rows(csv: str, names: dict[str, str]) -> str:
     return head + "\n" + body
 
 
-def extra_terms(args: dict) -> str:
-    """The objective's additions in one training segment's arguments (not in the paper), as words."""
+def extra_terms(args: dict, runs: list[dict] = ()) -> str:
+    """The objective's additions in one training segment's arguments (not in the paper), as words.
+
+    ``runs``: every segment's record (``{"args": ...}``), to say in how many of the last
+    segments the capture augmentation was on.
+    """
     parts = []
+    if args.get("capture_sd"):
+        n = 0
+        for r in reversed(list(runs)):
+            if not r.get("args", {}).get("capture_sd"):
+                break
+            n += 1
+        parts.append(f"in the last {max(n, 1)} segment(s), per-gene capture efficiencies on the thinned inputs "
+                     f"({args.get('p_thin', 0.5):.0%} of the cells of at least 1,000 counts thinned to a Beta(2, 2) "
+                     f"fraction of their reads, each gene's reads kept at that fraction times exp(-{args['capture_sd']} |z|), "
+                     "z ~ N(0, 1) per cell and gene, `ThinningConfig.capture_sd`; the targets stay the real cell's)")
     if args.get("cell_weight"):
         parts.append(f"a cell-level term (weight {args['cell_weight']}, {args.get('cell_readout', 'bilinear')} read-out: "
                      "the mean-pooled encoder outputs of the corrupted cell predict the masked values, "
@@ -188,7 +202,7 @@ The default checkpoint of scxtrimo, shipped inside the package (no download).
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
-| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){' with depth-aware inputs: half of the cells of at least 1,000 counts binomially thinned to a Beta(2, 2) fraction of their reads, T = log10 of the real total, S = of the thinned total, targets the real values' if cfg.depth_tokens else ''}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last)} |
+| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){' with depth-aware inputs: half of the cells of at least 1,000 counts binomially thinned to a Beta(2, 2) fraction of their reads, T = log10 of the real total, S = of the thinned total, targets the real values' if cfg.depth_tokens else ''}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last, runs)} |
 | training | `scripts/train_device.py` in {len(runs)} segment(s) on the CPU: batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |

@@ -10,7 +10,14 @@ import torch
 import scxtrimo
 from scxtrimo.data import MaskingConfig, cell_keys
 from scxtrimo.data._depth import (
-    ThinningConfig, append_depth, capture_efficiencies, depth_aware_inputs, log1p_cp10k, target_depth, thin_counts, thinning_fractions,
+    ThinningConfig,
+    append_depth,
+    capture_efficiencies,
+    depth_aware_inputs,
+    log1p_cp10k,
+    target_depth,
+    thin_counts,
+    thinning_fractions,
 )
 from scxtrimo.data._objective import training_batch
 from scxtrimo.data._prepare import counts_rows, prepare_input

@@ -105,3 +105,6 @@ def test_bundled_model_card_matches_the_checkpoint():
     assert abs(int(rows[-1][3]) - meta["minutes"]) <= 1
     text = card.read_text()
     assert f"{meta['cells_seen']:,}" in text and _io.BUNDLED["xtrimo-3m"] in text
+    # the capture augmentation is named in the objective exactly when the last segment used it
+    capture = [bool(r.get("args", {}).get("capture_sd")) for r in meta["history_before"] + [meta["this_run"]]]
+    assert ("`ThinningConfig.capture_sd`" in text) == capture[-1]
