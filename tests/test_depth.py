@@ -83,6 +83,8 @@ def test_capture_efficiencies_are_half_normal_in_log_space_and_keyed(counts):
     dev = ((thin[rows, gcols] - c * p) ** 2).sum() / (c * p * (1 - p)).sum()
     assert 0.9 < float(dev) < 1.1
     assert torch.equal(thin_counts(counts, f, ckeys, capture_sd=0.0), thin_counts(counts, f, ckeys))
+    with pytest.raises(ValueError, match="capture_sd"):
+        ThinningConfig(capture_sd=-0.5)
 
 
 def test_thinning_fractions_follow_the_config(counts):
