@@ -192,6 +192,15 @@ def test_linear_probe_reuses_stored_embedding(pbmc3k_session):
     with pytest.raises(ValueError, match="pooling='mean'"):  # stored embedding made with another pooling than
         # the checkpoint's default (mean for the bundled xtrimo-3m), which tl.annotate uses
         scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", **kw)
+    # pooling= chooses another: the max-pooled probe on the stored max-pooled embedding
+    maxed = adata.copy()
+    clf_max = scxtrimo.tl.annotate(maxed, use_rep="X_xtrimo", pooling="max", **kw)
+    assert clf_max.pooling == "max" and clf_max.head.in_features == 128
+    assert maxed.uns["xtrimo"]["annotate"]["test_macro_f1"] > 0.5  # 8 types: a majority guess scores about 0.08
+    with pytest.raises(ValueError, match="trained with pooling='max'"):
+        scxtrimo.tl.annotate(maxed.copy(), model=clf_max, pooling="mean", progress=False)
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        scxtrimo.tl.annotate(adata.copy(), use_rep="X_xtrimo", pooling="median", **kw)
     scxtrimo.tl.embed(adata, progress=False)
     own, query = adata.copy(), adata.copy()
     clf = scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", **kw)
