@@ -123,10 +123,10 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             pool = train_pool.copy()
             if probe:
                 clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze="all", use_rep="X_xtrimo",
-                                           random_state=seed, epochs=40, patience=6, progress=False)
+                                           pooling=args.pooling, random_state=seed, epochs=40, patience=6, progress=False)
             else:
                 clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze=args.finetune_freeze,
-                                           random_state=seed,
+                                           pooling=args.pooling, random_state=seed,
                                            epochs=args.epochs, patience=2, warm_start=not method.endswith("(cold head)"),
                                            lr=args.finetune_lr, head_lr=args.finetune_head_lr, progress=False)
             if test_pool is None:
@@ -136,7 +136,7 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
                 scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, progress=False)
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
             report = pool.uns["xtrimo"]["annotate"]
-            extra = {"best_epoch": report["best_epoch"], "pooling": args.model.default_pooling}
+            extra = {"best_epoch": report["best_epoch"], "pooling": clf.pooling}
             if not probe:
                 extra.update(lr=args.finetune_lr, head_lr=args.finetune_head_lr)
                 # validation macro-F1: the warm-start probe's best, then each fine-tuning epoch
@@ -173,16 +173,15 @@ def main():
                          "XTrimoGene.default_pooling; a folder written by scripts/train_device.py merge has none: max)")
     args = ap.parse_args()
     args.finetune_freeze = args.finetune_freeze if args.finetune_freeze in ("none", "all") else int(args.finetune_freeze)
-    model = scxtrimo.models.load(args.model)
-    if args.pooling is not None:  # tl.embed and tl.annotate pool as the checkpoint says
-        model.metadata = {**(model.metadata or {}), "pooling": args.pooling}
-    print(f"checkpoint {args.model} (sha256 {model.checkpoint_sha256}), pooling {model.default_pooling}", flush=True)
-    args.model = model  # tl.annotate fine-tunes a copy
+    model = scxtrimo.models.load(args.model)  # loaded once; tl.annotate fine-tunes a copy
+    args.pooling = args.pooling or model.default_pooling
+    print(f"checkpoint {args.model} (sha256 {model.checkpoint_sha256}), pooling {args.pooling}", flush=True)
+    args.model = model
 
     pbmc, cb = None, None
     def embed(adata) -> None:
         if "scxtrimo linear probe" in args.methods:
-            scxtrimo.tl.embed(adata, model=args.model)
+            scxtrimo.tl.embed(adata, model=args.model, pooling=args.pooling)
 
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

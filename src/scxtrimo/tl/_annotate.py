@@ -449,10 +449,10 @@ def annotate(
 
     torch.manual_seed(random_state)
     backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
+    pooling = backbone.default_pooling if pooling is None else pooling
+    check_pooling(pooling, backbone.config)  # before the gene alignment, so a bad pooling fails at once
     budget = token_budget(dev, max_tokens, config=backbone.config)
     X, prep = _collect(data, gene_symbols, backbone)
-    pooling = backbone.default_pooling if pooling is None else pooling
-    check_pooling(pooling, backbone.config)
     clf = CellTypeClassifier(backbone, classes, freeze, pooling=pooling).to(dev)
     _set_trainable(clf, freeze)
     counts = np.bincount(y_idx[split["train"]], minlength=len(classes)).astype(np.float64)
