@@ -231,7 +231,7 @@ def train(args) -> None:
                 "this_run": {"device": str(device), "corpus": Path(args.corpus).name, "args": vars(args)},
                 "history_before": prior.get("history_before", []) + ([prior["this_run"]] if "this_run" in prior else []),
                 "val_mse": last.get("val_mse"), "val_pearson": last.get("val_pearson"),
-                **{k: prior[k] for k in ("gene_init", "value_scale") if k in prior}}
+                **{k: prior[k] for k in ("gene_init", "value_scale", "pooling") if k in prior}}
 
     def on_eval(history) -> None:
         save_sharded(model, out, metadata=meta(history))

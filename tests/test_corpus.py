@@ -112,11 +112,14 @@ def test_device_script_trains_writes_outputs_and_merges(packed, tmp_path):
     model = scxtrimo.models.load(ckpt)
     assert model.config.depth_tokens and model.metadata["cells_seen"] == 12
     assert model.metadata["gene_init"] == "coexpression"  # the script's default for a new model
-    # continue from the shards without --config: the run's record names the loaded model, not the default;
-    # --decoder-zero-mass sets the loaded weights' decoder zero mass
+    # continue from a checkpoint folder without --config: the run's record names the loaded model, not the
+    # default; --decoder-zero-mass sets the loaded weights' decoder zero mass; the checkpoint's pooling carries
+    # over (a continued checkpoint embeds as its start did)
     assert model.config.decoder_zero_mass is None and model.config.feature_redraw_interval is None
+    assert model.default_pooling == "max"  # no pooling recorded: the paper's
+    start = model.save(tmp_path / "start", metadata={**model.metadata, "pooling": "mean"})
     more = tmp_path / "more"
-    subprocess.run([*cmd[:5], "--out", str(more), "--init", str(out), "--max-steps", "1", "--batch-size", "4",
+    subprocess.run([*cmd[:5], "--out", str(more), "--init", str(start), "--max-steps", "1", "--batch-size", "4",
                     "--eval-cells", "8", "--score-cells", "0", "--device", "cpu", "--minutes", "5",
                     "--decoder-zeros", "256", "--decoder-zero-mass", "256"],
                    check=True, env=subprocess_env(), capture_output=True, timeout=600)
@@ -124,6 +127,11 @@ def test_device_script_trains_writes_outputs_and_merges(packed, tmp_path):
     meta = json.loads((more / "result.json").read_text())["metadata"]
     assert meta["cells_seen"] == 16 and meta["this_run"]["args"]["config"] == "xtrimo-3m"
     assert meta["this_run"]["args"]["depth_tokens"] is True and len(meta["history_before"]) == 1
+    assert meta["pooling"] == "mean"
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "train_device.py"), "merge", str(more), str(merged)],
+                   check=True, env=subprocess_env(), capture_output=True, timeout=300)
+    assert scxtrimo.models.load(merged).default_pooling == "mean"
     adata = packed[3][0][:30].copy()
     scxtrimo.tl.embed(adata, model=model, pooling="all", progress=False)
     assert adata.obsm["X_xtrimo"].shape == (30, 4 * 128)
