@@ -76,6 +76,22 @@ def benchmark_rows(csv: str, names: dict[str, str]) -> str:
     return head + "\n" + body
 
 
+def thinning_words(runs, depth_tokens: bool) -> str:
+    """The depth thinning of the inputs over the training segments (``ThinningConfig``), as words.
+
+    ``runs``: every segment's record (``{"args": ...}``); a record without ``p_thin`` is the
+    trainer's default, 0.5. Empty when no segment thinned.
+    """
+    shares = [float(r.get("args", {}).get("p_thin", 0.5)) for r in runs]
+    if not any(shares):
+        return ""
+    per = f"{shares[0]:.0%}" if len(set(shares)) == 1 else "by segment " + " / ".join(f"{p:.0%}" for p in shares)
+    tokens = (", T = log10 of the real total, S = of the thinned total" if depth_tokens
+              else " (no depth tokens: the encoder is not told the depth)")
+    return (f" with depth-thinned inputs: {per} of the cells of at least 1,000 counts binomially thinned to a "
+            f"Beta(2, 2) fraction of their reads{tokens}, targets the real values")
+
+
 def extra_terms(args: dict, runs: list[dict] = ()) -> str:
     """The objective's additions in one training segment's arguments (not in the paper), as words.
 
@@ -202,7 +218,7 @@ The default checkpoint of scxtrimo, shipped inside the package (no download).
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
-| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){' with depth-aware inputs: half of the cells of at least 1,000 counts binomially thinned to a Beta(2, 2) fraction of their reads, T = log10 of the real total, S = of the thinned total, targets the real values' if cfg.depth_tokens else ''}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last, runs)} |
+| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){thinning_words(runs, cfg.depth_tokens)}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last, runs)} |
 | training | `scripts/train_device.py` in {len(runs)} segment(s) on the CPU: batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |
