@@ -78,7 +78,7 @@ def test_bundled_checkpoint_loads_and_matches_registry():
     assert model.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
     assert model.config.name == "xtrimo-3m" and model.n_parameters() > 2.5e6
     meta = model.metadata
-    assert meta["cells_seen"] > 33000 and meta["gene_init"] == "coexpression" and meta["pooling"] == "mean"
+    assert meta["cells_seen"] > 39000 and meta["gene_init"] == "coexpression" and meta["pooling"] == "mean"
     last = meta["this_run"]["args"]  # how it was trained: cell and factor-score terms, the gene embedding frozen
     assert last["cell_weight"] == 1.0 and last["cell_readout"] == "dot" and last["gene_lr_scale"] == 0.0
     assert last["factor_weight"] == 2.0 and last["decoder_zeros"] == 1024
@@ -108,3 +108,7 @@ def test_bundled_model_card_matches_the_checkpoint():
     # the capture augmentation is named in the objective exactly when the last segment used it
     capture = [bool(r.get("args", {}).get("capture_sd")) for r in meta["history_before"] + [meta["this_run"]]]
     assert ("`ThinningConfig.capture_sd`" in text) == capture[-1]
+    # the depth thinning of the inputs is named with the last segment's share of thinned cells
+    p_last = float(meta["this_run"]["args"].get("p_thin", 0.5))
+    assert ("depth-thinned inputs" in text) == (p_last > 0 or "p_thin" not in meta["this_run"]["args"])
+    assert p_last == 0 or f"{p_last:.0%}" in text.split("depth-thinned inputs")[1].split("|")[0]

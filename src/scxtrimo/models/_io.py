@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 #: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
 BUNDLED = {
-    "xtrimo-3m": "fed56f15e583621b07dc0be3e495ceed31e56e2eaf0315e0d0f6f3ec12c70f0f",
+    "xtrimo-3m": "cb5e12207996576d61ea9a7f721036546a45a3845bc8940fea2dd6defd437fd1",
 }
 
 
