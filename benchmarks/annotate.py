@@ -8,8 +8,11 @@ Side by side on identical stratified 8:1:1 splits, for several seeds:
   * logistic regression on PCA of log-normalized HVGs (fit on the training cells),
   * CellTypist trained on the same training cells (its default logistic regression, and its
     SGD mode; see ``celltypist_pred``).
-Data: pbmc3k (8 types), cellbench cell lines (doublets excluded), and a cross-platform
-transfer on cellbench (train on one batch, predict the others).
+Data: pbmc3k (8 types), cellbench cell lines (doublets excluded), a cross-platform
+transfer on cellbench (train on one batch, predict the others), and a PBMC transfer ("pbmc
+transfer": train on the FACS-sorted Zheng populations, predict pbmc3k, both on the five
+coarse types they share: B, CD4 T, CD8 T, NK, monocyte; pbmc3k's dendritic cells and
+megakaryocytes, absent from the sorted set, are left out).
 
 Each data set is embedded once with the checkpoint (``tl.embed``); the linear probe reuses that
 embedding for every seed (``use_rep``). Fine-tuning re-runs the encoder every epoch, so on a
@@ -40,6 +43,20 @@ import scxtrimo
 from scxtrimo.tl._annotate import stratified_split
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+# the coarse types the sorted populations and pbmc3k's tutorial labels share ("pbmc transfer")
+SORTED_COARSE = {"bcells": "B", "nk": "NK", "monocytes": "monocyte", "memoryt": "CD4 T", "regulatoryt": "CD4 T",
+                 "thelper": "CD4 T", "naivet": "CD4 T", "cytotoxict": "CD8 T", "naivecytotoxic": "CD8 T"}
+PBMC3K_COARSE = {"B cells": "B", "NK cells": "NK", "CD14+ Monocytes": "monocyte", "FCGR3A+ Monocytes": "monocyte",
+                 "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T"}
+
+
+def coarse(adata, mapping):
+    """The cells of ``adata`` whose ``cell_type`` is in ``mapping``, relabelled in ``obs['coarse_type']``."""
+    out = adata[adata.obs["cell_type"].astype(str).isin(mapping)].copy()
+    out.obs["coarse_type"] = out.obs["cell_type"].astype(str).map(mapping).astype("category")
+    return out
 
 
 def scores(y, p) -> dict:
@@ -163,7 +180,7 @@ def main():
     ap.add_argument("--finetune-lr", type=float, default=1e-4, help="encoder learning rate when fine-tuning")
     ap.add_argument("--finetune-head-lr", type=float, default=1e-3, help="head learning rate when fine-tuning (also the warm-start probe's)")
     ap.add_argument("--methods", nargs="+", default=["scxtrimo fine-tuned", "scxtrimo linear probe", "PCA + logistic regression", "CellTypist", "CellTypist (SGD)"])
-    ap.add_argument("--tasks", nargs="+", default=["pbmc3k", "cellbench", "cellbench transfer"])
+    ap.add_argument("--tasks", nargs="+", default=["pbmc3k", "cellbench", "cellbench transfer", "pbmc transfer"])
     ap.add_argument("--transfer-train", default="sc_dropseq", help="batch to train on (predicted on all other batches)")
     ap.add_argument("--out", default="docs/benchmarks/annotate.csv")
     ap.add_argument("--model", default="xtrimo-3m",
@@ -178,7 +195,7 @@ def main():
     print(f"checkpoint {args.model} (sha256 {model.checkpoint_sha256}), pooling {args.pooling}", flush=True)
     args.model = model
 
-    pbmc, cb = None, None
+    pbmc, cb, sorted_ref = None, None, None
     def embed(adata) -> None:
         if "scxtrimo linear probe" in args.methods:
             scxtrimo.tl.embed(adata, model=args.model, pooling=args.pooling)
@@ -186,10 +203,13 @@ def main():
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
-        if task == "pbmc3k" and pbmc is None:
+        if task in ("pbmc3k", "pbmc transfer") and pbmc is None:
             pbmc = scxtrimo.datasets.pbmc3k()
             embed(pbmc)
-        if task != "pbmc3k" and cb is None:
+        if task == "pbmc transfer" and sorted_ref is None:
+            sorted_ref = ad.read_h5ad(SHARED / "zheng2017_sorted_pbmc_mudan" / "zheng2017_sorted_pbmc_mudan.h5ad")
+            embed(sorted_ref)
+        if task.startswith("cellbench") and cb is None:
             cb = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
             cb = cb[cb.obs["cell_type"] != "doublet"].copy()
             if "cellbench" not in args.tasks:  # the transfer alone: embed only its training and test cells
@@ -201,11 +221,17 @@ def main():
                 rows += run_task(task, pbmc, None, "cell_type", seed, args.methods, args)
             elif task == "cellbench":
                 rows += run_task(task, cb, None, "cell_type", seed, args.methods, args)
-            else:
+            elif task == "pbmc transfer":
+                rows += run_task(task, coarse(sorted_ref, SORTED_COARSE), coarse(pbmc, PBMC3K_COARSE), "coarse_type",
+                                 seed, args.methods, args)
+            elif task == "cellbench transfer":
                 src = cb[cb.obs["batch"] == args.transfer_train].copy()
                 dst = cb[cb.obs["batch"] != args.transfer_train].copy()
                 dst = dst[dst.obs["cell_type"].isin(set(src.obs["cell_type"]))].copy()
                 rows += run_task(task, src, dst, "cell_type", seed, args.methods, args)
+            else:
+                raise SystemExit(f"unknown task {task!r}: choose from pbmc3k, cellbench, 'cellbench transfer', "
+                                 "'pbmc transfer'")
             df = pd.DataFrame(rows)  # written after every task and seed, so a long run keeps what it finished
             df.to_csv(args.out, index=False)
     summary = df.groupby(["task", "method"])[["macro_f1", "macro_precision", "accuracy", "seconds"]].agg(["mean", "std"])
