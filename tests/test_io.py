@@ -108,7 +108,21 @@ def test_bundled_model_card_matches_the_checkpoint():
     # the capture augmentation is named in the objective exactly when the last segment used it
     capture = [bool(r.get("args", {}).get("capture_sd")) for r in meta["history_before"] + [meta["this_run"]]]
     assert ("`ThinningConfig.capture_sd`" in text) == capture[-1]
-    # the depth thinning of the inputs is named with the last segment's share of thinned cells
-    p_last = float(meta["this_run"]["args"].get("p_thin", 0.5))
-    assert ("depth-thinned inputs" in text) == (p_last > 0 or "p_thin" not in meta["this_run"]["args"])
-    assert p_last == 0 or f"{p_last:.0%}" in text.split("depth-thinned inputs")[1].split("|")[0]
+    # the depth thinning of the inputs is named when any segment thinned (a record without p_thin: the
+    # trainer's default, 0.5), with the last segment's share of thinned cells
+    shares = [float(r["args"].get("p_thin", 0.5)) for r in meta["history_before"] + [meta["this_run"]]]
+    assert ("depth-thinned inputs" in text) == any(shares)
+    assert not any(shares) or f"{shares[-1]:.0%}" in text.split("depth-thinned inputs")[1].split("|")[0]
+
+
+def test_card_names_the_depth_thinning_per_segment():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from publish_default import thinning_words
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert thinning_words([{"args": {"p_thin": 0.0}}], depth_tokens=False) == ""
+    same = thinning_words([{"args": {}}, {"args": {"p_thin": 0.5}}], depth_tokens=False)  # no p_thin: 0.5
+    assert "50% of the cells" in same and "no depth tokens" in same and "by segment" not in same
+    mixed = thinning_words([{"args": {"p_thin": 0.5}}, {"args": {"p_thin": 0.8}}], depth_tokens=True)
+    assert "by segment 50% / 80%" in mixed and "T = log10 of the real total" in mixed
