@@ -188,7 +188,8 @@ def main():
                     help="checkpoint to embed with and fine-tune (a registry name or a folder; default the bundled one)")
     ap.add_argument("--pooling", default=None, choices=["max", "mean", "all"],
                     help="pooling of the embedding and of fine-tuning (default: the checkpoint's own, "
-                         "XTrimoGene.default_pooling; a folder written by scripts/train_device.py merge has none: max)")
+                         "XTrimoGene.default_pooling; a scripts/train_device.py merge of a run that started from a new "
+                         "model has none: max)")
     args = ap.parse_args()
     args.finetune_freeze = args.finetune_freeze if args.finetune_freeze in ("none", "all") else int(args.finetune_freeze)
     model = scxtrimo.models.load(args.model)  # loaded once; tl.annotate fine-tunes a copy

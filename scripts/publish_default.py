@@ -106,8 +106,7 @@ def extra_terms(args: dict, runs: list[dict] = ()) -> str:
                 break
             n += 1
         parts.append(f"in the last {max(n, 1)} segment(s), per-gene capture efficiencies on the thinned inputs "
-                     f"({args.get('p_thin', 0.5):.0%} of the cells of at least 1,000 counts thinned to a Beta(2, 2) "
-                     f"fraction of their reads, each gene's reads kept at that fraction times exp(-{args['capture_sd']} |z|), "
+                     f"(each gene's reads kept at the cell's thinning fraction times exp(-{args['capture_sd']} |z|), "
                      "z ~ N(0, 1) per cell and gene, `ThinningConfig.capture_sd`; the targets stay the real cell's)")
     if args.get("cell_weight"):
         parts.append(f"a cell-level term (weight {args['cell_weight']}, {args.get('cell_readout', 'bilinear')} read-out: "
