@@ -11,6 +11,7 @@ learning rate warms up and then follows a cosine over the time budget.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,19 +22,15 @@ from ._device import autocast
 from ._oom import retry_on_oom
 from .data._batching import sortish_batches
 from .data._corpus import Corpus
-from .data._depth import ThinningConfig, depth_columns, log1p_cp10k
+from .data._depth import ThinningConfig
 from .data._masking import MaskingConfig, cell_keys, keyed_uniform
 from .data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch, view_contrast
-from .models._cell_head import CellExpressionHead
-from .models._factor_head import FactorScoreHead
+from ._cell_terms import HEAD_LR_SCALE, CellTerms, CellTermsConfig, stat_rows
 from .models._xtrimogene import XTrimoGene
 
 #: Dense bf16 peak of the GPUs the training run is sized for (NVIDIA's data sheets), for MFU;
 #: the first name contained in the device's name wins (more specific names first).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-#: Training cells (evenly spaced over the corpus) whose factor scores set the factor-score term's centre and spread.
-FACTOR_STAT_CELLS = 512
 
 
 @dataclass
@@ -63,10 +60,8 @@ class CorpusTrainConfig:
     added to the masked-regression MSE. The head is trained alongside and then discarded."""
     cell_readout: str = "bilinear"
     """The head's read-out (:class:`~scxtrimo.models.CellExpressionHead`): ``"bilinear"`` or ``"dot"``."""
-    cell_head_lr_scale: float = 100.0
-    """Learning-rate multiplier of the head: its per-gene biases must travel to the genes' mean
-    levels (about 1-2 log1p units) within the run, which at the encoder's rate (1e-4 per AdamW
-    step) they cannot."""
+    cell_head_lr_scale: float = HEAD_LR_SCALE
+    """Learning-rate multiplier of the heads (:data:`~scxtrimo._cell_terms.HEAD_LR_SCALE`)."""
     contrast_weight: float = 0.0
     """Weight of a contrastive term (0: off): each cell is corrupted a second time (its own
     masking and thinning keys), both views are mean-pooled by the encoder, and
@@ -100,6 +95,19 @@ def param_groups(model: XTrimoGene, gene_lr_scale: float, head: nn.Module | None
     if gene_lr_scale > 0:
         groups.append({"params": [gene], "lr_scale": float(gene_lr_scale)})
     return groups
+
+
+@contextmanager
+def gene_table_training(model: XTrimoGene, trained: bool):
+    """Within the block, the gene embedding table requires a gradient only if ``trained`` (frozen:
+    no gradient and none in the clipping norm); afterwards it is as it was. The table is looked
+    up again on exit, so a parameter that FSDP replaced inside the block is the one restored."""
+    before = model.gene_embedding.weight.requires_grad
+    model.gene_embedding.weight.requires_grad_(trained)
+    try:
+        yield
+    finally:
+        model.gene_embedding.weight.requires_grad_(before)
 
 
 def step_flops(model: XTrimoGene, counts: torch.Tensor, totals: torch.Tensor, cfg: CorpusTrainConfig) -> float:
@@ -140,22 +148,20 @@ class _MicroBatches:
 
 
 def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTrainConfig, device: torch.device,
-          pieces: int, head: CellExpressionHead | None = None,
-          factor: FactorScoreHead | None = None) -> tuple[dict[str, float], int]:
+          pieces: int, terms: CellTerms | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step on the cells ``part`` in ``pieces`` micro-batches.
 
-    Returns the losses by history column (``train_mse``, the masked MSE; ``train_cell_mse``, the
-    cell-level MSE of ``head``, with one; ``train_factor_mse``, the factor-score MSE of ``factor``,
-    with one; ``train_contrast``, with ``cfg.contrast_weight``) and the
-    number of encoder tokens. The contrastive term compares the cells of one micro-batch, so
-    unlike the rest it depends on ``pieces``.
+    Returns the losses by history column (``train_mse``, the masked MSE; ``train_cell_mse`` and
+    ``train_factor_mse``, the cell-level terms of ``terms`` that are on; ``train_contrast``,
+    with ``cfg.contrast_weight``) and the number of encoder tokens. The contrastive term
+    compares the cells of one micro-batch, so unlike the rest it depends on ``pieces``.
 
     Every cell's thinning and masks come from its key (seed, step, position in the batch), so
     the update does not depend on ``pieces`` (up to float rounding).
     """
     opt.zero_grad(set_to_none=True)
     contrast = cfg.contrast_weight > 0
-    pooled = head is not None or factor is not None or contrast
+    pooled = terms is not None or contrast
     batches = []
     for pos in np.array_split(np.arange(len(part)), pieces):
         counts = counts_to_device(corpus.counts[part[pos]], device)
@@ -167,8 +173,9 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         second = view(cell_keys(cfg.random_state, step, pos | (1 << 31), device=device)) if contrast else None
         batches.append((keys, view(keys), second, len(pos) / len(part)))
     n_t = sum(tb.target.sum() for _, tb, _, _ in batches).clamp(min=1)
-    sse_total, cell_total, tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    contrast_total, factor_total = torch.zeros((), device=device), torch.zeros((), device=device)
+    sse_total, tokens = torch.zeros((), device=device), 0
+    term_totals = {"cell": torch.zeros((), device=device), "factor": torch.zeros((), device=device)}
+    contrast_total = torch.zeros((), device=device)
     for keys, tb, second, share in batches:
         with autocast(device):
             out = model(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=cfg.decoder_zeros,
@@ -177,17 +184,12 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
             other = model.pooled_visible(second.inputs, second.is_mask) if contrast else None
         pred, cells = out if pooled else (out, None)
         sse = masked_sse(pred, tb)
-        loss = sse
-        if head is not None:
-            cell_pred = head(cells, model.gene_embedding.weight, tb.target)
-            cell_sse = (cell_pred - tb.values[tb.target].float()).pow(2).sum()
-            loss = loss + cfg.cell_weight * cell_sse
-            cell_total += cell_sse.detach()
-        loss = loss / n_t
-        if factor is not None:
-            factor_sse = factor(cells, tb.values)
-            loss = loss + cfg.factor_weight * factor_sse / len(part)
-            factor_total += factor_sse.detach() / len(part)
+        loss = sse / n_t
+        if terms is not None:
+            term_sse = terms.losses(cells, model.gene_embedding.weight, tb)
+            loss = loss + terms.weighted(term_sse, n_t, len(part))
+            for k, v in term_sse.items():
+                term_totals[k] += v.detach()
         if contrast:
             nce = view_contrast(cells, other, cfg.contrast_temperature)
             loss = loss + cfg.contrast_weight * share * nce
@@ -196,15 +198,15 @@ def _step(model, opt, corpus: Corpus, part: np.ndarray, step: int, cfg: CorpusTr
         sse_total += sse.detach()
         tokens += int(((tb.inputs != 0) & ~tb.is_mask).sum())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    for h in (head, factor):  # clipped on their own: their gradients must not shrink the model's step
-        if h is not None:
+    if terms is not None:  # clipped on their own: their gradients must not shrink the model's step
+        for h in terms.children():
             torch.nn.utils.clip_grad_norm_(h.parameters(), cfg.grad_clip)
     opt.step()
     losses = {"train_mse": float(sse_total / n_t)}
-    if head is not None:
-        losses["train_cell_mse"] = float(cell_total / n_t)
-    if factor is not None:
-        losses["train_factor_mse"] = float(factor_total)
+    if terms is not None and terms.head is not None:
+        losses["train_cell_mse"] = float(term_totals["cell"] / n_t)
+    if terms is not None and terms.factor is not None:
+        losses["train_factor_mse"] = float(term_totals["factor"] / len(part))
     if contrast:
         losses["train_contrast"] = float(contrast_total)
     return losses, tokens
@@ -239,35 +241,8 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
         encoder tokens/s, FLOPs per cell, MFU where the GPU's peak is known, steps, cells seen,
         training seconds excluding evaluations).
     """
-    gene = model.gene_embedding.weight
-    trainable = gene.requires_grad
-    gene.requires_grad_(cfg.gene_lr_scale > 0)  # frozen: no gradient, and none in the clipping norm
-    try:
+    with gene_table_training(model, cfg.gene_lr_scale > 0):
         return _train(model, corpus, cfg, device=device, on_eval=on_eval, log=log)
-    finally:
-        gene.requires_grad_(trainable)
-
-
-@torch.no_grad()
-def _factor_head(model: XTrimoGene, corpus: Corpus, rows: np.ndarray, device: torch.device, log) -> FactorScoreHead:
-    """A :class:`~scxtrimo.models.FactorScoreHead` on the model's gene rows, its targets standardized on
-    :data:`FACTOR_STAT_CELLS` training cells spread over the corpus, aligned (rotation, scale,
-    shift) to the model's mean-pooled embeddings of those cells, uncorrupted."""
-    spread = rows[np.linspace(0, len(rows) - 1, min(FACTOR_STAT_CELLS, len(rows))).astype(int)]  # every set
-    values, total = log1p_cp10k(counts_to_device(corpus.counts[spread], device))
-    factor = FactorScoreHead(model.gene_embedding.weight[: model.config.n_genes], values).to(device)
-    inputs = values
-    if model.config.depth_tokens:
-        inputs = torch.cat([values, depth_columns(torch.log10(total), torch.log10(total))], 1)
-    was = model.training
-    model.eval()
-    with autocast(device):
-        cells = torch.cat([model.pooled_visible(inputs[i : i + 32], torch.zeros_like(inputs[i : i + 32], dtype=torch.bool))
-                           for i in range(0, len(spread), 32)])
-    model.train(was)
-    log(f"factor-score term: {len(spread)} cells, MSE {float(factor(cells, values)) / len(spread):.3f} before "
-        f"alignment, {factor.align(cells, values):.3f} after (rotation, scale {float(factor.scale):.3g}, shift)")
-    return factor.train()
 
 
 def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device, on_eval, log) -> dict:
@@ -276,19 +251,14 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
     val = corpus.rows("validation")[: cfg.eval_cells]
     lengths = np.diff(corpus.counts.indptr)
     fused = device.type == "cuda"
-    if cfg.cell_weight < 0:
-        raise ValueError(f"cell_weight must be >= 0 (0: masked regression alone); got {cfg.cell_weight}.")
     if cfg.contrast_weight < 0:
         raise ValueError(f"contrast_weight must be >= 0 (0: no contrastive term); got {cfg.contrast_weight}.")
-    if cfg.factor_weight < 0:
-        raise ValueError(f"factor_weight must be >= 0 (0: no factor-score term); got {cfg.factor_weight}.")
-    head = factor = None
-    if cfg.cell_weight > 0:
-        head = CellExpressionHead(model.config.enc_dim, model.config.n_genes, cfg.cell_readout).to(device).train()
-    if cfg.factor_weight > 0:
-        factor = _factor_head(model, corpus, rows, device, log)
-    heads = nn.ModuleList([h for h in (head, factor) if h is not None]) or None
-    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale, heads, cfg.cell_head_lr_scale), lr=cfg.lr,
+    term_cfg = CellTermsConfig(cfg.cell_weight, cfg.cell_readout, cfg.factor_weight)
+    terms = None
+    if term_cfg.active:
+        stats = corpus.counts[rows[stat_rows(len(rows))]] if term_cfg.factor_weight > 0 else None  # every set
+        terms = CellTerms(model, term_cfg, stat_counts=stats, device=device, log=log)
+    opt = torch.optim.AdamW(param_groups(model, cfg.gene_lr_scale, terms, cfg.cell_head_lr_scale), lr=cfg.lr,
                             weight_decay=cfg.weight_decay, fused=fused)
     budget = cfg.minutes * 60.0
     t0 = time.perf_counter()
@@ -338,7 +308,7 @@ def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.warmup_steps, elapsed / budget)
             losses, n_tok = retry_on_oom(
-                lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, head, factor),
+                lambda: _step(model, opt, corpus, part, step, cfg, device, micro.count, terms),
                 lambda: micro.double(len(part)), what="train_corpus")
             step += 1
             cells += len(part)
