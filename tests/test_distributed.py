@@ -82,6 +82,28 @@ def test_fsdp_with_accumulation_and_checkpointing_matches_one_process(pretrain_f
     np.testing.assert_allclose(losses, single[1], rtol=1e-5)
 
 
+TERMS = dict(gene_lr_scale=0, cell_weight=1, factor_weight=2)
+
+
+def test_cell_level_terms_under_fsdp_match_one_process(pretrain_files, tiny_config, tmp_path):
+    """The cell-level terms' heads are replicated on every rank and their gradients averaged
+    there; with the gene table frozen they also run under FSDP, and two ranks with 2
+    micro-batches each make one process's update."""
+    losses = []
+    with one_thread():
+        one, _ = scxtrimo.tl.pretrain([str(p) for p in pretrain_files], config=tiny_config, max_steps=STEPS,
+                                      progress=False, callback=lambda i: losses.append(i["loss"]), **RUN, **TERMS)
+    run = run_file(tmp_path, pretrain_files, tiny_config, **TERMS)
+    fsdp_losses, _ = torchrun(run, tmp_path / "fsdp", "--strategy", "fsdp", "--grad-accum-steps", "2")
+    fsdp = scxtrimo.models.load(tmp_path / "fsdp")
+    assert fsdp.metadata["cell_terms"]["factor_weight"] == 2 and fsdp.metadata["strategy"] == "fsdp"
+    diff = max_abs_diff(fsdp, one)
+    print(f"FSDP with cell-level terms (2 x gloo, 2 micro-batches) vs 1 process: max |param diff| = {diff:.3g}")
+    assert diff < ATOL
+    assert torch.equal(fsdp.gene_embedding.weight, one.gene_embedding.weight.cpu())  # frozen on every rank
+    np.testing.assert_allclose(fsdp_losses, losses, rtol=1e-5)
+
+
 def test_accumulation_and_checkpointing_keep_the_update(pretrain_files, tiny_config, single):
     with one_thread():
         model, _ = scxtrimo.tl.pretrain([str(p) for p in pretrain_files], config=tiny_config, max_steps=STEPS,
@@ -153,16 +175,18 @@ def test_keyed_masks_do_not_depend_on_the_batch(pbmc3k_prepared):
 
 def test_cli_run_file_yaml(tmp_path, tiny_config):
     from scxtrimo.cli import _pretrain_kwargs, read_run_config
-    from scxtrimo.data import MaskingConfig
+    from scxtrimo.data import MaskingConfig, ThinningConfig
     from scxtrimo.models import XTrimoGeneConfig
 
     run = tmp_path / "run.yaml"
     cfg = "\n".join(f"  {k}: {'null' if v is None else v}" for k, v in tiny_config.to_dict().items())
-    run.write_text(f"data: a.h5ad\nconfig:\n{cfg}\nbatch_size: 16\nmasking:\n  nonzero_ratio: 0.2\nstrategy: ddp\n")
+    run.write_text(f"data: a.h5ad\nconfig:\n{cfg}\nbatch_size: 16\nmasking:\n  nonzero_ratio: 0.2\nstrategy: ddp\n"
+                   "thinning:\n  p_thin: 0.8\ngene_lr_scale: 0\nfactor_weight: 2\n")
     kw = _pretrain_kwargs(read_run_config(run))
     assert kw["data"] == ["a.h5ad"] and kw["batch_size"] == 16 and kw["strategy"] == "ddp"
     assert kw["config"] == tiny_config and isinstance(kw["config"], XTrimoGeneConfig)
     assert kw["masking"] == MaskingConfig(nonzero_ratio=0.2)
+    assert kw["thinning"] == ThinningConfig(p_thin=0.8) and kw["gene_lr_scale"] == 0 and kw["factor_weight"] == 2
     run.write_text("data: a.h5ad\nbatchsize: 16\n")
     with pytest.raises(ValueError, match="unknown keys \\['batchsize'\\]"):
         read_run_config(run)

@@ -116,3 +116,38 @@ def test_pretrain_continues_a_named_checkpoint(pbmc3k):
     again = scxtrimo.models.load("xtrimo-3m")
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in bundled.state_dict().items())
     assert len(hist) >= 1 and np.isfinite(hist["val_mse"]).all()
+
+
+def test_cell_level_terms_keep_a_frozen_gene_table_and_report_their_losses(pbmc3k, tiny_config):
+    """gene_lr_scale=0 keeps the gene table exactly as it started; cell_weight / factor_weight add
+    the bundled model's cell-level terms: they change the update, their MSEs enter the history
+    (the factor term's falls as it trains) and the run is recorded in the metadata."""
+    small = pbmc3k[:160].copy()
+    kw = dict(config=tiny_config, max_steps=12, batch_size=8, lr=1e-3, eval_every=4, eval_cells=16, progress=False,
+              device="cpu", decoder_zeros=64, gene_lr_scale=0)
+    plain, _ = scxtrimo.tl.pretrain(small, **kw)
+    model, hist = scxtrimo.tl.pretrain(small, cell_weight=1, factor_weight=2, **kw)
+    torch.manual_seed(0)
+    start = XTrimoGene(tiny_config).gene_embedding.weight.detach()
+    for m in (plain, model):
+        assert torch.equal(m.gene_embedding.weight.detach().cpu(), start)
+        assert m.gene_embedding.weight.requires_grad  # frozen only while training
+    differs = [k for k, v in model.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    assert differs, "the cell-level terms did not change the update"
+    assert {"train_cell_mse", "train_factor_mse"} <= set(hist.columns)
+    assert np.isfinite(hist[["train_cell_mse", "train_factor_mse"]].to_numpy()).all()
+    assert hist["train_factor_mse"].iloc[-1] < hist["train_factor_mse"].iloc[0], hist
+    assert model.metadata["cell_terms"] == {"cell_weight": 1.0, "cell_readout": "dot", "factor_weight": 2.0}
+    assert model.metadata["gene_lr_scale"] == 0.0
+    assert "cell_terms" not in plain.metadata
+
+
+def test_cell_level_term_arguments_are_checked(pbmc3k, tiny_config):
+    small = pbmc3k[:40].copy()
+    kw = dict(config=tiny_config, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False)
+    for bad, match in (({"cell_weight": -1}, "cell_weight must be >= 0"),
+                       ({"factor_weight": float("nan")}, "factor_weight must be >= 0"),
+                       ({"cell_weight": 1, "cell_readout": "mlp"}, "cell_readout must be one of"),
+                       ({"gene_lr_scale": -0.5}, "gene_lr_scale must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            scxtrimo.tl.pretrain(small, **kw, **bad)

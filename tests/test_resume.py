@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import one_thread
@@ -135,9 +136,36 @@ def test_a_state_from_before_newer_settings_still_resumes(pbmc3k, tiny_config, t
     for key in ("depth_tokens", "key_max", "out_norm"):
         del state["signature"]["config"][key]
     del state["signature"]["thinning"]
+    for key in ("gene_lr_scale", "cell_terms"):
+        del state["signature"][key]
+    state["running"] = [r["mse"] for r in state["running"]]  # running losses were plain floats
     save_train_state(state, tmp_path / "ck")
     model, _ = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True, **kw)
     assert model.metadata["steps"] == 3
     with pytest.raises(ValueError, match="settings differ.*max_visible"):
         scxtrimo.tl.pretrain(small, save_dir=tmp_path / "ck", resume=True,
                              masking=scxtrimo.data.MaskingConfig(max_visible=50), **kw)
+
+
+def test_a_run_with_cell_level_terms_resumes_where_it_stopped(pbmc3k, tiny_config, tmp_path):
+    """The heads of the cell-level terms, their statistics and their optimizer state are part of
+    the training state: a run stopped after step 3 (last save at step 2) and resumed ends with
+    the uninterrupted run's weights and history."""
+    small = pbmc3k[:120].copy()
+    kw = dict(config=tiny_config, max_steps=5, batch_size=8, lr=1e-3, eval_every=0, eval_cells=16, progress=False,
+              save_every=2, decoder_zeros=64, gene_lr_scale=0, cell_weight=1, factor_weight=2, device="cpu")
+    with one_thread():
+        full, hist_full = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "full", **kw)
+
+        def stop(info):
+            if info["step"] == 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            scxtrimo.tl.pretrain(small, save_dir=tmp_path / "cut", callback=stop, **kw)
+        assert load_train_state(tmp_path / "cut" / TRAIN_STATE)["step"] == 2
+        resumed, hist = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "cut", resume=True, **kw)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    cols = ["train_mse", "train_cell_mse", "train_factor_mse", "val_mse"]
+    np.testing.assert_allclose(hist[cols].to_numpy(), hist_full[cols].to_numpy(), rtol=1e-5)

@@ -90,8 +90,8 @@ def read_run_config(path: str | Path) -> dict:
     :func:`scxtrimo.tl.pretrain` keyword names plus ``data`` (a path or a list of paths).
 
     ``config`` may be a configuration name or a mapping of
-    :class:`~scxtrimo.models.XTrimoGeneConfig` fields; ``masking`` a mapping of
-    :class:`~scxtrimo.data.MaskingConfig` fields.
+    :class:`~scxtrimo.models.XTrimoGeneConfig` fields; ``masking`` and ``thinning`` mappings of
+    :class:`~scxtrimo.data.MaskingConfig` and :class:`~scxtrimo.data.ThinningConfig` fields.
 
     Raises
     ------
@@ -121,7 +121,7 @@ def read_run_config(path: str | Path) -> dict:
 
 
 def _pretrain_kwargs(raw: dict) -> dict:
-    from .data import MaskingConfig
+    from .data import MaskingConfig, ThinningConfig
     from .models import XTrimoGeneConfig
 
     kw = dict(raw)
@@ -129,6 +129,8 @@ def _pretrain_kwargs(raw: dict) -> dict:
         kw["config"] = XTrimoGeneConfig.from_dict(kw["config"])
     if isinstance(kw.get("masking"), dict):
         kw["masking"] = MaskingConfig(**kw["masking"])
+    if isinstance(kw.get("thinning"), dict):
+        kw["thinning"] = ThinningConfig(**kw["thinning"])
     if isinstance(kw.get("data"), (str, Path)):
         kw["data"] = [kw["data"]]
     return kw

@@ -22,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import rna_modality
+from .._cell_terms import FACTOR_STAT_CELLS, HEAD_LR_SCALE, CellTerms, CellTermsConfig, stat_rows
 from .._device import autocast
 from .._inference import resolve_model
 from .._oom import retry_on_oom
+from .._train_corpus import gene_table_training, param_groups
 from .._version import __version__
 from ..data._depth import ThinningConfig
 from ..data._masking import MaskingConfig, cell_keys, keyed_uniform
@@ -176,6 +178,10 @@ def pretrain(
     decoder_zeros: int | None = None,
     thinning: ThinningConfig | None = None,
     gene_init: str = "random",
+    gene_lr_scale: float = 1.0,
+    cell_weight: float = 0.0,
+    cell_readout: str = "dot",
+    factor_weight: float = 0.0,
 ) -> tuple[XTrimoGene, pd.DataFrame]:
     """Pretrain xTrimoGene by regressing masked expression values (paper section 4, appendix 5).
 
@@ -312,6 +318,31 @@ def pretrain(
         cells' standardized log1p CP10k values (:func:`scxtrimo.models.init_gene_embedding`;
         a truncated SVD, about a minute for 27,000 cells on two CPU cores). In-memory input
         only; for streamed files call that function on a sample and pass ``model=``.
+    gene_lr_scale
+        Learning-rate multiplier of the gene embedding table: 1 (default, the paper) trains it
+        with the rest; 0 freezes it (it stays exactly as it was), which keeps a co-expression
+        start and the factor-score term's teacher fixed. The bundled ``xtrimo-3m`` was
+        trained with it frozen.
+    cell_weight, cell_readout
+        Weight of the cell term (0, default: off; the bundled ``xtrimo-3m``: 1 with the
+        ``"dot"`` read-out): a :class:`~scxtrimo.models.CellExpressionHead` predicts the real
+        values at the masked genes from the mean-pooled encoder outputs of the corrupted cell
+        (the embedding :func:`scxtrimo.tl.embed` returns with ``pooling="mean"``); its MSE per
+        masked gene, times this weight, is added to the masked MSE. ``cell_readout``:
+        ``"dot"`` (a learned scale, so the embedding's own geometry must predict expression) or
+        ``"bilinear"`` (a learned map). Not in the paper.
+    factor_weight
+        Weight of the factor-score term (0, default: off; the bundled ``xtrimo-3m``: 2): a
+        :class:`~scxtrimo.models.FactorScoreHead` asks the mean-pooled encoder output of the
+        corrupted cell, up to a learned rotation, scale and shift, for the real cell's
+        least-squares scores on the gene embedding table as it is when training starts (use
+        with ``gene_lr_scale=0``); its MSE per cell, times this weight, is added. Its
+        statistics and alignment come from 512 training cells spread over the input
+        (streamed: spread over at most 8 of its blocks). Not in the paper. The heads of
+        both terms train at 100x ``lr`` (same schedule), are all-reduced across ranks, and
+        are discarded afterwards; to continue the bundled model on its own objective, pass
+        ``model="xtrimo-3m", gene_lr_scale=0, cell_weight=1, factor_weight=2,
+        decoder_zeros=1024, thinning=ThinningConfig(p_thin=0.8)``.
 
     Returns
     -------
@@ -321,13 +352,17 @@ def pretrain(
     history : pandas.DataFrame
         One row per evaluation: ``step``, ``epoch``, ``cells_seen``, ``lr``, ``elapsed_s``,
         ``train_mse`` (mean since the last evaluation), ``val_mse``, ``val_pearson`` (masked
-        positions). ``history.attrs['test']`` holds the final test-split metrics.
+        positions); with ``cell_weight`` / ``factor_weight``, also ``train_cell_mse`` (per
+        masked gene) / ``train_factor_mse`` (per cell). ``history.attrs['test']`` holds the
+        final test-split metrics.
 
     Raises
     ------
     ValueError
-        No cell passes QC; fewer training cells than ``batch_size``; an unknown ``strategy``
-        or ``gene_init``; ``gene_init="coexpression"`` with streamed input or with ``model``;
+        No cell passes QC; fewer training cells than ``batch_size``; an unknown ``strategy``,
+        ``gene_init`` or ``cell_readout``; a negative ``gene_lr_scale``, ``cell_weight`` or
+        ``factor_weight``; ``cell_weight > 0`` with a trained gene table under FSDP on several
+        processes; ``gene_init="coexpression"`` with streamed input or with ``model``;
         ``batch_size`` smaller than world size x ``grad_accum_steps``; ``save_every`` without
         ``save_dir``; ``resume`` without a saved training state, or with settings (model
         configuration, batch size, learning-rate schedule, masking, seed, data, ...) that
@@ -343,6 +378,9 @@ def pretrain(
     items = _as_list(data)
     use_stream = _use_streaming(items, streaming)
     _check_gene_init(gene_init, use_stream, model is not None)
+    terms = CellTermsConfig(float(cell_weight), cell_readout, float(factor_weight))
+    if not gene_lr_scale >= 0:
+        raise ValueError(f"gene_lr_scale must be >= 0 (0 freezes the gene embedding); got {gene_lr_scale}.")
     ctx, dev = D.init_distributed(device)
     try:
         _check_args(batch_size=batch_size, grad_accum_steps=grad_accum_steps, world_size=ctx.world_size,
@@ -356,6 +394,7 @@ def pretrain(
             save_dir=save_dir, progress=progress, grad_accum_steps=grad_accum_steps, strategy=strategy,
             activation_checkpointing=activation_checkpointing, save_every=save_every, block_cells=block_cells,
             callback=callback, decoder_zeros=decoder_zeros, thinning=thinning, gene_init=gene_init,
+            gene_lr_scale=float(gene_lr_scale), terms=terms,
         )
         if ctx.owned and ctx.world_size > 1:
             torch.distributed.barrier()  # rank 0 has finished writing before anyone leaves
@@ -367,7 +406,8 @@ def pretrain(
 def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_steps, max_time, batch_size, lr,
            weight_decay, warmup_steps, grad_clip, masking, eval_every, eval_cells, min_genes, gene_symbols,
            random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing, save_every,
-           block_cells, callback, decoder_zeros=None, thinning=None, gene_init="random"):
+           block_cells, callback, decoder_zeros=None, thinning=None, gene_init="random", gene_lr_scale=1.0,
+           terms=CellTermsConfig()):
     torch.manual_seed(random_state)
     corpus = None
     X_train = None
@@ -392,6 +432,9 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
         source = MemoryBatches(X_train, batch_size, random_state)
         data_desc = {"kind": "memory", "cells": int(X.shape[0]), "nnz": int(X.nnz)}
     X_val = X_val[:eval_cells]
+    stat_counts = None  # the factor-score term's statistics cells
+    if terms.factor_weight > 0:
+        stat_counts = corpus.spread_cells(FACTOR_STAT_CELLS) if X_train is None else X_train[stat_rows(X_train.shape[0])]
     try:
         return _loop(
             source=source, corpus=corpus, X_val=X_val, X_test=X_test, n_cells=n_cells, split_sizes=split_sizes,
@@ -401,7 +444,8 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
             min_genes=min_genes, random_state=random_state, save_dir=save_dir, progress=progress,
             grad_accum_steps=grad_accum_steps, strategy=strategy, activation_checkpointing=activation_checkpointing,
             save_every=save_every, callback=callback, decoder_zeros=decoder_zeros, thinning=thinning,
-            gene_init_counts=X_train if gene_init == "coexpression" else None,
+            gene_init_counts=X_train if gene_init == "coexpression" else None, gene_lr_scale=gene_lr_scale,
+            terms=terms, stat_counts=stat_counts,
         )
     finally:
         if corpus is not None:
@@ -411,7 +455,8 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
 def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx, dev, state, config, model, epochs,
           max_steps, max_time, batch_size, lr, weight_decay, warmup_steps, grad_clip, masking, eval_every,
           min_genes, random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing,
-          save_every, callback, decoder_zeros=None, thinning=None, gene_init_counts=None):
+          save_every, callback, decoder_zeros=None, thinning=None, gene_init_counts=None, gene_lr_scale=1.0,
+          terms=CellTermsConfig(), stat_counts=None):
     if model is None:
         model = XTrimoGene(config)
         if gene_init_counts is not None and state is None:
@@ -433,6 +478,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         "masking": dict(masking.__dict__), "random_state": int(random_state), "min_genes": int(min_genes),
         "decoder_zeros": decoder_zeros, "max_time": None if max_time is None else float(max_time), "data": data_desc,
         "thinning": None if thinning is None else dict(thinning.__dict__),
+        "gene_lr_scale": float(gene_lr_scale), "cell_terms": terms.to_dict() if terms.active else None,
     }
     if state is not None:
         check_signature(_with_defaults(state["signature"]), signature)
@@ -440,17 +486,36 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
     raw = model.to(dev).train()
     step, history, running, elapsed0 = 0, [], [], 0.0
     sharded = D.is_sharded(strategy, ctx)
+    if sharded and terms.cell_weight > 0 and gene_lr_scale > 0:
+        raise ValueError("cell_weight > 0 reads the gene table outside the model's forward pass, which FSDP "
+                         "shards; freeze the table (gene_lr_scale=0) or use strategy='ddp'.")
+    heads = None
+    if terms.active:  # built on the unsharded model; a resume loads the saved heads instead of aligning
+        heads = CellTerms(raw, terms, stat_counts=stat_counts, device=dev, align=state is None,
+                          log=None)
+        if state is not None:
+            heads.load_training_state(state["cell_terms"])
+    # the cell head's gene table: a frozen copy (any strategy) or the live, trained one (not FSDP)
+    frozen_table = raw.gene_embedding.weight.detach().clone() if gene_lr_scale == 0 else None
     if sharded:
         # FSDP2 warns when a wrapped module returns a view; every consumer here (performer's
         # residual `x = x + f(x)`, the loss's boolean indexing) is out-of-place, so it is harmless
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    with D.activation_checkpointing(raw, activation_checkpointing):
+    gene_trainable = raw.gene_embedding.weight.requires_grad
+    with D.activation_checkpointing(raw, activation_checkpointing), gene_table_training(raw, gene_lr_scale > 0):
         wrapped = D.wrap_model(raw, strategy, ctx, dev)
-        opt = torch.optim.AdamW(raw.parameters(), lr=lr, weight_decay=weight_decay)
+        # one group as before unless the gene table's rate differs (old training states still resume)
+        groups = raw.parameters() if gene_lr_scale == 1 else param_groups(raw, gene_lr_scale)
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        head_opt = torch.optim.AdamW(heads.parameters(), lr=lr * HEAD_LR_SCALE, weight_decay=weight_decay) \
+            if heads is not None else None
         if state is not None:
             D.load_optimizer_state(raw, opt, state["optimizer"], strategy, ctx)
+            if head_opt is not None:
+                head_opt.load_state_dict(state["cell_terms"]["optimizer"])
             source.load_state_dict(state["data"])
-            step, history, running = int(state["step"]), list(state["history"]), list(state["running"])
+            step, history, running = int(state["step"]), list(state["history"]), [
+                r if isinstance(r, dict) else {"mse": float(r)} for r in state["running"]]  # older states: floats
             elapsed0 = float(state["elapsed_s"])
             torch.set_rng_state(state["rng"]["torch"])
             if dev.type == "cuda" and state["rng"].get("cuda"):
@@ -470,7 +535,9 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                              world_size=ctx.world_size, grad_accum_steps=grad_accum_steps, decoder_zeros=decoder_zeros,
                              thinning=thinning,
                              strategy=("ddp" if strategy == "auto" else strategy) if ctx.world_size > 1 else "single") \
-                | ({"gene_init": "coexpression"} if gene_init_counts is not None else {}) | (extra or {})
+                | ({"gene_init": "coexpression"} if gene_init_counts is not None else {}) \
+                | ({"gene_lr_scale": float(gene_lr_scale)} if gene_lr_scale != 1 else {}) \
+                | ({"cell_terms": terms.to_dict()} if terms.active else {}) | (extra or {})
 
         def save(extra: dict | None = None):
             model_sd = D.full_model_state(raw, strategy, ctx)
@@ -484,10 +551,12 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                 "model": model_sd, "optimizer": opt_sd, "lr": float(opt.param_groups[0]["lr"]),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
-                "signature": signature, "history": history, "running": [float(x) for x in running],
+                "signature": signature, "history": history, "running": [{k: float(v) for k, v in r.items()} for r in running],
                 "elapsed_s": float(now), "world_size": int(ctx.world_size),
                 "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__,
             }
+            if heads is not None:
+                train_state["cell_terms"] = {**heads.training_state(), "optimizer": head_opt.state_dict()}
             save_train_state(train_state, save_dir)
             target = raw
             if sharded:
@@ -502,12 +571,16 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         def record():
             metrics = evaluate(raw, X_val, batch_size=max(1, batch_size // grad_accum_steps), masking=masking,
                                device=dev, seed=random_state, decoder_zeros=decoder_zeros)
-            history.append({
+            row = {
                 "step": int(step), "epoch": step / steps_per_epoch, "cells_seen": int(step * batch_size),
                 "lr": float(opt.param_groups[0]["lr"]), "elapsed_s": elapsed(),
-                "train_mse": float(np.mean(running)) if running else float("nan"),
+                "train_mse": float(np.mean([r["mse"] for r in running])) if running else float("nan"),
                 "val_mse": metrics["mse"], "val_pearson": metrics["pearson"],
-            })
+            }
+            for key in ("cell_mse", "factor_mse"):  # the cell-level terms that are on
+                if running and key in running[0]:
+                    row[f"train_{key}"] = float(np.mean([r[key] for r in running]))
+            history.append(row)
             running.clear()
 
         # a step that runs out of CUDA memory is run again in twice as many micro-batches (one process)
@@ -520,16 +593,21 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                 break
             X_batch, _ = source.next_batch()
             frac = max((step - warmup) / max(1, total - warmup), now / max_time if max_time else 0.0)
+            factor = lr_factor(step, warmup, frac)
             for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(step, warmup, frac)
-            loss = retry_on_oom(
+                group["lr"] = lr * group.get("lr_scale", 1.0) * factor
+            for group in head_opt.param_groups if head_opt is not None else ():
+                group["lr"] = lr * HEAD_LR_SCALE * factor
+            losses = retry_on_oom(
                 lambda: _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
                                     random_state=random_state, grad_accum_steps=micro.count,
                                     strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
-                                    decoder_zeros=decoder_zeros, thinning=thinning),
+                                    decoder_zeros=decoder_zeros, thinning=thinning, heads=heads, head_opt=head_opt,
+                                    gene_table=frozen_table if frozen_table is not None else raw.gene_embedding.weight),
                 lambda: micro.double(X_batch.shape[0]), what="tl.pretrain")
+            loss = losses["mse"]
             step += 1
-            running.append(loss)
+            running.append(losses)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if callback is not None and ctx.is_main:
@@ -556,6 +634,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
     hist = pd.DataFrame(history)
     hist.attrs["test"] = test
     out.metadata = metadata({"test": test})
+    out.gene_embedding.weight.requires_grad_(gene_trainable)
     return out.eval(), hist
 
 
@@ -585,12 +664,21 @@ def _with_defaults(saved: dict) -> dict:
     saved["config"] = XTrimoGeneConfig.from_dict(saved["config"]).to_dict()
     if saved.get("thinning") is not None:
         saved["thinning"] = {**ThinningConfig().__dict__, **saved["thinning"]}
+    saved.setdefault("gene_lr_scale", 1.0)
+    saved.setdefault("cell_terms", None)
     return saved
 
 
 def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking, random_state, grad_accum_steps,
-                 strategy, params, grad_clip, decoder_zeros=None, thinning=None) -> float:
-    """One optimizer step on this rank's shard of the global batch (counts); returns the global masked MSE."""
+                strategy, params, grad_clip, decoder_zeros=None, thinning=None, heads: CellTerms | None = None,
+                head_opt=None, gene_table=None) -> dict[str, float]:
+    """One optimizer step on this rank's shard of the global batch (counts).
+
+    Returns the global batch's masked MSE (``mse``) and, with ``heads``, its cell-level terms
+    (``cell_mse`` per masked gene, ``factor_mse`` per cell, for the terms that are on). The
+    heads are replicated on every rank: their gradients are averaged here, after the last
+    micro-batch, as DDP / FSDP average the model's.
+    """
     depth_tokens = getattr(wrapped, "module", wrapped).config.depth_tokens
     positions = np.arange(X_batch.shape[0])[ctx.rank :: ctx.world_size]
     micro = [m for m in np.array_split(positions, grad_accum_steps) if m.size]
@@ -602,20 +690,45 @@ def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking
         batches.append(tb)
         scores.append(keyed_uniform(keys, tb.inputs.shape[1]) if decoder_zeros is not None else None)
     n_local = sum(tb.target.sum() for tb in batches)
-    n_global = ctx.all_reduce_sum(torch.as_tensor(n_local, dtype=torch.float64, device=dev).clone())
-    scale = (ctx.world_size / n_global.clamp(min=1)).float()
+    n_global = ctx.all_reduce_sum(torch.as_tensor(n_local, dtype=torch.float64, device=dev).clone()).clamp(min=1)
+    scale = (ctx.world_size / n_global).float()
     opt.zero_grad(set_to_none=True)
-    sse_total = torch.zeros((), dtype=torch.float64, device=dev)
+    if head_opt is not None:
+        head_opt.zero_grad(set_to_none=True)
+    totals = torch.zeros(3, dtype=torch.float64, device=dev)  # masked SSE, cell SSE, factor SSE
     for i, tb in enumerate(batches):
         with D.grad_sync(wrapped, strategy, ctx, sync=i == len(batches) - 1):
             with autocast(dev):
-                pred = wrapped(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=decoder_zeros, zero_scores=scores[i])
+                out = wrapped(tb.inputs, tb.is_mask, keep=tb.keep, decoder_zeros=decoder_zeros, zero_scores=scores[i],
+                              return_cells=heads is not None)
+            pred, cells = out if heads is not None else (out, None)
             sse = masked_sse(pred, tb)
-            (sse * scale).backward()
-        sse_total += sse.detach().double()
+            loss = sse * scale
+            if heads is not None:
+                terms = heads.losses(cells, gene_table, tb)
+                # DDP / FSDP average over ranks: the global normalizers times the world size
+                loss = loss + heads.weighted(terms, n_global.float(), X_batch.shape[0]) * ctx.world_size
+                for j, key in ((1, "cell"), (2, "factor")):
+                    if key in terms:
+                        totals[j] += terms[key].detach().double()
+            loss.backward()
+        totals[0] += sse.detach().double()
     torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
     opt.step()
-    return float(ctx.all_reduce_sum(sse_total) / n_global.clamp(min=1))
+    if heads is not None:
+        for p in heads.parameters():  # replicated heads: average their gradients over the ranks
+            if p.grad is not None and ctx.world_size > 1:
+                p.grad = ctx.all_reduce_sum(p.grad.contiguous()) / ctx.world_size
+        for h in heads.children():  # clipped on their own: their gradients must not shrink the model's step
+            torch.nn.utils.clip_grad_norm_(h.parameters(), grad_clip)
+        head_opt.step()
+    totals = ctx.all_reduce_sum(totals)
+    out = {"mse": float(totals[0] / n_global)}
+    if heads is not None and heads.head is not None:
+        out["cell_mse"] = float(totals[1] / n_global)
+    if heads is not None and heads.factor is not None:
+        out["factor_mse"] = float(totals[2] / X_batch.shape[0])
+    return out
 
 
 def _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, wall_time_s, dev, history, masking, *,
