@@ -56,7 +56,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import scxtrimo
 from scxtrimo._inference import batch_cells, map_cells, token_budget
-from scxtrimo.data import cell_keys, thin_counts
+from scxtrimo.data import ThinningConfig, cell_keys, thin_counts
 from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 from scxtrimo.tl._clustering import pca_baseline
 
@@ -171,13 +171,23 @@ def thin_to(adata: ad.AnnData, total: float, seed: int = 0, block: int = 256) ->
     return ad.AnnData(Y[keep], obs=adata.obs[keep].copy(), var=adata.var.copy())
 
 
-def adapt(model, adata, minutes: float, decoder_zeros: int, device):
-    """A copy of ``model`` whose masked-value pretraining continued on ``adata`` for ``minutes``
-    (the data set's own 96% training split; the embedding then covers every cell, as scVI's does)."""
+#: ``--adapt-objective``: tl.pretrain settings on top of masked regression. "bundled" is the
+#: bundled xtrimo-3m's own objective (frozen gene table, cell and factor-score terms, 80% thinned).
+ADAPT_OBJECTIVES = {
+    "paper": {},
+    "bundled": dict(gene_lr_scale=0, cell_weight=1, cell_readout="dot", factor_weight=2,
+                    thinning=ThinningConfig(p_thin=0.8)),
+}
+
+
+def adapt(model, adata, minutes: float, decoder_zeros: int, device, objective: str = "paper"):
+    """A copy of ``model`` whose pretraining continued on ``adata`` for ``minutes`` with
+    ``objective`` (:data:`ADAPT_OBJECTIVES`; the data set's own 96% training split; the embedding
+    then covers every cell, as scVI's does)."""
     net, _ = scxtrimo.tl.pretrain(adata, model=copy.deepcopy(model).cpu(), epochs=1000, max_time=60 * minutes,
                                   batch_size=16, lr=3e-4, warmup_steps=20, eval_every=0, eval_cells=64,
                                   decoder_zeros=decoder_zeros or None, progress=False, device=device.type,
-                                  random_state=0)
+                                  random_state=0, **ADAPT_OBJECTIVES[objective])
     return net.eval()
 
 
@@ -257,6 +267,9 @@ def main() -> None:
     ap.add_argument("--adapt-minutes", type=float, default=0.0,
                     help="also score every checkpoint after continuing its pretraining on each set for this many "
                          "minutes (tl.pretrain(adata, model=...), batch 16, lr 3e-4, the bundled run's decoder context)")
+    ap.add_argument("--adapt-objective", choices=sorted(ADAPT_OBJECTIVES), default="paper",
+                    help="the adaptation's objective: the paper's masked regression, or the bundled model's own "
+                         "(frozen gene table, cell and factor-score terms, 80%% of the cells thinned)")
     ap.add_argument("--adapt-decoder-zeros", type=int, default=1024,
                     help="decoder_zeros of the adaptation (0: the full-length decoder)")
     ap.add_argument("--summarize", action="store_true", help="only print the tables of an existing --out CSV")
@@ -317,14 +330,16 @@ def main() -> None:
             if "factors" in args.baselines and not label.startswith("random"):
                 reps[f"{label} gene-table factor scores (linear, no encoder)"] = factor_scores(net, adata)
             if args.adapt_minutes and not label.startswith("random"):
-                tag = f"adapted {args.adapt_minutes:g} min"
-                key = key.with_name(key.stem + f"_adapt{args.adapt_minutes:g}m_dz{args.adapt_decoder_zeros}.npz")
+                tag = f"adapted {args.adapt_minutes:g} min" + (
+                    f" ({args.adapt_objective} objective)" if args.adapt_objective != "paper" else "")
+                key = key.with_name(key.stem + f"_adapt{args.adapt_minutes:g}m_dz{args.adapt_decoder_zeros}"
+                                    + ("" if args.adapt_objective == "paper" else f"_{args.adapt_objective}") + ".npz")
                 if key.exists():
                     variants = dict(np.load(key))
                 else:
                     t = time.perf_counter()
-                    variants = embed_variants(adapt(net, adata, args.adapt_minutes, args.adapt_decoder_zeros, dev),
-                                              adata, dev)
+                    variants = embed_variants(adapt(net, adata, args.adapt_minutes, args.adapt_decoder_zeros, dev,
+                                                    args.adapt_objective), adata, dev)
                     np.savez(key, **variants)
                     print(f"{set_name}: {label} {tag} and embedded in {time.perf_counter() - t:.0f} s", flush=True)
                 for v, e in variants.items():

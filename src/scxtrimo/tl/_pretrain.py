@@ -491,8 +491,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                          "shards; freeze the table (gene_lr_scale=0) or use strategy='ddp'.")
     heads = None
     if terms.active:  # built on the unsharded model; a resume loads the saved heads instead of aligning
-        heads = CellTerms(raw, terms, stat_counts=stat_counts, device=dev, align=state is None,
-                          log=None)
+        heads = CellTerms(raw, terms, stat_counts=stat_counts, device=dev, align=state is None)
         if state is not None:
             heads.load_training_state(state["cell_terms"])
     # the cell head's gene table: a frozen copy (any strategy) or the live, trained one (not FSDP)
@@ -723,12 +722,12 @@ def _train_step(wrapped, opt, X_batch: sp.csr_matrix, *, step, ctx, dev, masking
             torch.nn.utils.clip_grad_norm_(h.parameters(), grad_clip)
         head_opt.step()
     totals = ctx.all_reduce_sum(totals)
-    out = {"mse": float(totals[0] / n_global)}
+    result = {"mse": float(totals[0] / n_global)}
     if heads is not None and heads.head is not None:
-        out["cell_mse"] = float(totals[1] / n_global)
+        result["cell_mse"] = float(totals[1] / n_global)
     if heads is not None and heads.factor is not None:
-        out["factor_mse"] = float(totals[2] / X_batch.shape[0])
-    return out
+        result["factor_mse"] = float(totals[2] / X_batch.shape[0])
+    return result
 
 
 def _metadata(cfg, n_cells, split_sizes, step, batch_size, lr, wall_time_s, dev, history, masking, *,
