@@ -149,12 +149,8 @@ class CellTerms(nn.Module):
 
     def weighted(self, sse: dict[str, torch.Tensor], n_targets, n_cells) -> torch.Tensor:
         """The terms' contribution to the loss: ``cell_weight * cell / n_targets + factor_weight * factor / n_cells``."""
-        total = torch.zeros((), device=next(iter(sse.values())).device) if sse else torch.zeros(())
-        if "cell" in sse:
-            total = total + self.cfg.cell_weight * sse["cell"] / n_targets
-        if "factor" in sse:
-            total = total + self.cfg.factor_weight * sse["factor"] / n_cells
-        return total
+        weight = {"cell": (self.cfg.cell_weight, n_targets), "factor": (self.cfg.factor_weight, n_cells)}
+        return sum(weight[k][0] * v / weight[k][1] for k, v in sse.items())
 
     def training_state(self) -> dict:
         """Parameters and the factor head's statistics (buffers not in ``state_dict``), for a resume."""

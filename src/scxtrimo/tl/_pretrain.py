@@ -494,8 +494,8 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         heads = CellTerms(raw, terms, stat_counts=stat_counts, device=dev, align=state is None)
         if state is not None:
             heads.load_training_state(state["cell_terms"])
-    # the cell head's gene table: a frozen copy (any strategy) or the live, trained one (not FSDP)
-    frozen_table = raw.gene_embedding.weight.detach().clone() if gene_lr_scale == 0 else None
+    # the cell head's gene table: the model's own, or under FSDP (which shards it) a copy of the frozen table
+    gene_table = raw.gene_embedding.weight.detach().clone() if sharded else raw.gene_embedding.weight
     if sharded:
         # FSDP2 warns when a wrapped module returns a view; every consumer here (performer's
         # residual `x = x + f(x)`, the loss's boolean indexing) is out-of-place, so it is harmless
@@ -595,14 +595,14 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             factor = lr_factor(step, warmup, frac)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0) * factor
-            for group in head_opt.param_groups if head_opt is not None else ():
-                group["lr"] = lr * HEAD_LR_SCALE * factor
+            if head_opt is not None:
+                head_opt.param_groups[0]["lr"] = lr * HEAD_LR_SCALE * factor
             losses = retry_on_oom(
                 lambda: _train_step(wrapped, opt, X_batch, step=step, ctx=ctx, dev=dev, masking=masking,
                                     random_state=random_state, grad_accum_steps=micro.count,
                                     strategy=strategy, params=raw.parameters(), grad_clip=grad_clip,
                                     decoder_zeros=decoder_zeros, thinning=thinning, heads=heads, head_opt=head_opt,
-                                    gene_table=frozen_table if frozen_table is not None else raw.gene_embedding.weight),
+                                    gene_table=gene_table),
                 lambda: micro.double(X_batch.shape[0]), what="tl.pretrain")
             loss = losses["mse"]
             step += 1
