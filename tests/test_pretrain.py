@@ -59,6 +59,7 @@ def test_pretrain_api_history_and_checkpoint(pbmc3k, tiny_config, tmp_path):
     assert set(history.attrs["test"]) >= {"mse", "pearson"}
     assert model.metadata["split"]["train"] + model.metadata["split"]["validation"] + model.metadata["split"]["test"] == model.metadata["cells"]
     assert (small.X != X0).nnz == 0
+    assert "pooling" not in model.metadata and model.default_pooling == "max"  # a new model: the paper's
     loaded = scxtrimo.models.load(tmp_path / "ck")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
@@ -106,7 +107,7 @@ def test_depth_aware_pretraining_trains_a_depth_token_model(pbmc3k, tiny_config)
 
 def test_pretrain_continues_a_named_checkpoint(pbmc3k):
     """model="xtrimo-3m" loads the bundled weights and continues them (adaptation to a data set);
-    the bundled checkpoint itself is untouched."""
+    the bundled checkpoint itself is untouched, and the result keeps its pooling for tl.embed."""
     bundled = scxtrimo.models.load("xtrimo-3m")
     model, hist = scxtrimo.tl.pretrain(pbmc3k[:80].copy(), model="xtrimo-3m", max_steps=2, batch_size=8, lr=1e-3,
                                        eval_every=0, eval_cells=8, decoder_zeros=64, progress=False, device="cpu")
@@ -116,6 +117,10 @@ def test_pretrain_continues_a_named_checkpoint(pbmc3k):
     again = scxtrimo.models.load("xtrimo-3m")
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in bundled.state_dict().items())
     assert len(hist) >= 1 and np.isfinite(hist["val_mse"]).all()
+    assert bundled.default_pooling == "mean" and model.metadata["pooling"] == "mean"
+    cells = pbmc3k[:12].copy()
+    scxtrimo.tl.embed(cells, model=model, progress=False, device="cpu")
+    assert cells.uns["xtrimo"]["params"]["pooling"] == "mean"
 
 
 def test_cell_level_terms_keep_a_frozen_gene_table_and_report_their_losses(pbmc3k, tiny_config):

@@ -348,7 +348,9 @@ def pretrain(
     -------
     model : XTrimoGene
         The trained model (eval mode, on ``device``, unwrapped and unsharded), with
-        ``model.metadata`` describing the run.
+        ``model.metadata`` describing the run. A continued ``model`` whose metadata names its
+        pooling (the bundled ``xtrimo-3m``: ``"mean"``) keeps it, so :func:`scxtrimo.tl.embed`
+        pools the result as it pooled the start; pass ``pooling=`` there to choose another.
     history : pandas.DataFrame
         One row per evaluation: ``step``, ``epoch``, ``cells_seen``, ``lr``, ``elapsed_s``,
         ``train_mse`` (mean since the last evaluation), ``val_mse``, ``val_pearson`` (masked
@@ -463,6 +465,8 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             init_gene_embedding(model, log1p_normalize(gene_init_counts), random_state=random_state)
     else:
         model = resolve_model(model, dev)
+    # a continued checkpoint keeps the pooling it was measured best with (tl.embed's default)
+    kept = {"pooling": model.default_pooling} if "pooling" in (model.metadata or {}) else {}
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
@@ -536,7 +540,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                              strategy=("ddp" if strategy == "auto" else strategy) if ctx.world_size > 1 else "single") \
                 | ({"gene_init": "coexpression"} if gene_init_counts is not None else {}) \
                 | ({"gene_lr_scale": float(gene_lr_scale)} if gene_lr_scale != 1 else {}) \
-                | ({"cell_terms": terms.to_dict()} if terms.active else {}) | (extra or {})
+                | ({"cell_terms": terms.to_dict()} if terms.active else {}) | kept | (extra or {})
 
         def save(extra: dict | None = None):
             model_sd = D.full_model_state(raw, strategy, ctx)
