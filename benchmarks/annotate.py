@@ -25,6 +25,7 @@ CPU it is run only on the tasks in ``--finetune-tasks`` (default pbmc3k), traini
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import time
 import warnings
@@ -177,8 +178,11 @@ def main():
     ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (early stopping, patience 2)")
     ap.add_argument("--finetune-freeze", default="2", help="'none' (whole encoder) or k: train the last k layers")
     ap.add_argument("--finetune-tasks", nargs="*", default=["pbmc3k"])
-    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="encoder learning rate when fine-tuning")
-    ap.add_argument("--finetune-head-lr", type=float, default=1e-3, help="head learning rate when fine-tuning (also the warm-start probe's)")
+    defaults = inspect.signature(scxtrimo.tl.annotate).parameters  # the benchmark follows tl.annotate's rates
+    ap.add_argument("--finetune-lr", type=float, default=defaults["lr"].default,
+                    help="encoder learning rate when fine-tuning (default: tl.annotate's)")
+    ap.add_argument("--finetune-head-lr", type=float, default=defaults["head_lr"].default,
+                    help="head learning rate when fine-tuning, also the warm-start probe's (default: tl.annotate's)")
     ap.add_argument("--methods", nargs="+", default=["scxtrimo fine-tuned", "scxtrimo linear probe", "PCA + logistic regression", "CellTypist", "CellTypist (SGD)"])
     tasks = ["pbmc3k", "cellbench", "cellbench transfer", "pbmc transfer"]
     ap.add_argument("--tasks", nargs="+", choices=tasks, default=tasks)

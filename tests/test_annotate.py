@@ -135,7 +135,7 @@ def test_fine_tuning_within_a_token_budget_takes_the_same_steps(pbmc3k, tiny_con
         adata = small.copy()
         oom_warning = pytest.warns(RuntimeWarning, match="out of memory") if run == "oom" else nullcontext()
         with pytest.warns(UserWarning, match="cannot be split"), oom_warning:  # 2 dendritic cells among these 120
-            clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", model=base, freeze="none", epochs=1,
+            clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", model=base, freeze="none", epochs=1, lr=1e-4,
                                        batch_size=16, warm_start=False, max_tokens=budget, progress=False)
         runs[run] = (clf.backbone.state_dict(), adata.obsm["xtrimo_label_probabilities"])
     n_train = adata.uns["xtrimo"]["annotate"]["split_sizes"]["train"]  # same split for every run
