@@ -123,6 +123,21 @@ def test_resume_errors_are_clear(pbmc3k, tiny_config, tmp_path):
     assert model.metadata["steps"] == 2
 
 
+def test_a_continued_run_resumed_from_its_config_keeps_the_pooling(pbmc3k, tmp_path):
+    """A run continuing the bundled weights (mean pooling) and resumed with config= instead of
+    model= rebuilds the model from the configuration; it still records the pooling it started
+    with, so tl.embed pools the result as before instead of falling back to max pooling."""
+    small = pbmc3k[:60].copy()
+    kw = dict(max_steps=2, batch_size=4, eval_every=0, eval_cells=4, decoder_zeros=32, progress=False,
+              device="cpu", save_dir=tmp_path / "ck", save_every=1)
+    first, _ = scxtrimo.tl.pretrain(small, model="xtrimo-3m", **kw)
+    assert first.metadata["pooling"] == "mean"
+    config = scxtrimo.models.load("xtrimo-3m").config
+    resumed, _ = scxtrimo.tl.pretrain(small, config=config, resume=True, **kw)
+    assert resumed.metadata["pooling"] == "mean" and resumed.default_pooling == "mean"
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
 def test_a_state_from_before_newer_settings_still_resumes(pbmc3k, tiny_config, tmp_path):
     """Settings added to scxtrimo later (masking.max_visible, depth tokens, ...) are absent from an
     older train_state.pt; their defaults reproduce the old run, so it resumes, and only a real

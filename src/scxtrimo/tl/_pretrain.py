@@ -351,6 +351,8 @@ def pretrain(
         ``model.metadata`` describing the run. A continued ``model`` whose metadata names its
         pooling (the bundled ``xtrimo-3m``: ``"mean"``) keeps it, so :func:`scxtrimo.tl.embed`
         pools the result as it pooled the start; pass ``pooling=`` there to choose another.
+        The training state records it, so a resume keeps it even with ``config=`` in place of
+        ``model=``.
     history : pandas.DataFrame
         One row per evaluation: ``step``, ``epoch``, ``cells_seen``, ``lr``, ``elapsed_s``,
         ``train_mse`` (mean since the last evaluation), ``val_mse``, ``val_pearson`` (masked
@@ -465,8 +467,11 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
             init_gene_embedding(model, log1p_normalize(gene_init_counts), random_state=random_state)
     else:
         model = resolve_model(model, dev)
-    # a continued checkpoint keeps the pooling it was measured best with (tl.embed's default)
+    # a continued checkpoint keeps the pooling it was measured best with (tl.embed's default);
+    # a resume keeps the pooling of the run it continues, even when the model is rebuilt from config
     kept = {"pooling": model.default_pooling} if "pooling" in (model.metadata or {}) else {}
+    if state is not None:
+        kept = dict(state.get("kept", {})) | kept
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
@@ -556,7 +561,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                         "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
                 "signature": signature, "history": history, "running": [{k: float(v) for k, v in r.items()} for r in running],
                 "elapsed_s": float(now), "world_size": int(ctx.world_size),
-                "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__,
+                "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__, "kept": dict(kept),
             }
             if heads is not None:
                 train_state["cell_terms"] = {**heads.training_state(), "optimizer": head_opt.state_dict()}
