@@ -471,7 +471,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
     # a resume keeps the pooling of the run it continues, even when the model is rebuilt from config
     kept = {"pooling": model.default_pooling} if "pooling" in (model.metadata or {}) else {}
     if state is not None:
-        kept = dict(state.get("kept", {})) | kept
+        kept = state.get("kept", {}) | kept
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
@@ -561,7 +561,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                         "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
                 "signature": signature, "history": history, "running": [{k: float(v) for k, v in r.items()} for r in running],
                 "elapsed_s": float(now), "world_size": int(ctx.world_size),
-                "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__, "kept": dict(kept),
+                "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__, "kept": kept,
             }
             if heads is not None:
                 train_state["cell_terms"] = {**heads.training_state(), "optimizer": head_opt.state_dict()}
