@@ -191,6 +191,19 @@ def adapt(model, adata, minutes: float, decoder_zeros: int, device, objective: s
     return net.eval()
 
 
+def model_labels(names: list[str]) -> list[str]:
+    """Row labels for ``--models``: a checkpoint folder's name, a registry name as given.
+
+    Where two folders share a name (``runs/a/ckpt`` and ``runs/b/ckpt``), both are labelled with
+    the path as given, so that neither model's rows replace the other's. Naming one checkpoint
+    twice is an error.
+    """
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--models names a checkpoint more than once: {names}")
+    short = [Path(m).name if Path(m).is_dir() else m for m in names]
+    return [s if short.count(s) == 1 else str(m) for s, m in zip(short, names)]
+
+
 def batch_mixing(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray, k: int = 30) -> dict:
     """Batch silhouette within cell types (1 - |s|, scib's batch ASW) and kNN batch entropy (0-1)."""
     asw = []
@@ -293,10 +306,7 @@ def main() -> None:
         pd.DataFrame(rows).to_csv(out, index=False)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    models = []
-    for m in args.models:
-        net = scxtrimo.models.load(m)
-        models.append((Path(m).name if Path(m).is_dir() else m, net))
+    models = [(label, scxtrimo.models.load(m)) for label, m in zip(model_labels(args.models), args.models)]
     if "random" in args.baselines and models:
         torch.manual_seed(0)
         rnd = scxtrimo.models.XTrimoGene(models[0][1].config).eval()
