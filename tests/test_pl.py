@@ -67,3 +67,14 @@ def test_recovery_panels(bundled, pbmc3k, tmp_path):
     assert len(axes[1].get_lines()[0].get_xdata()) == 4
     _png_ok(tmp_path / "rec.png")
     plt.close("all")
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0, float("nan")], [-1.0, 0.0, 2.0]])
+def test_autobin_refuses_values_that_are_not_log1p_cp10k(bundled, values):
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        scxtrimo.pl.autobin(bundled, values, show=False)
+
+
+def test_recovery_needs_at_least_one_cell(bundled, pbmc3k):
+    with pytest.raises(ValueError, match="n_cells"):
+        scxtrimo.pl.recovery(bundled, pbmc3k, n_cells=0, show=False)

@@ -29,8 +29,18 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     Returns
     -------
     The matplotlib axes when ``show=False``, else ``None``. One filled band per bin.
+
+    Raises
+    ------
+    ValueError
+        ``values`` is empty, not 1-d, or holds negative or non-finite numbers (log1p CP10k
+        values are finite and non-negative).
     """
     values = np.linspace(0, 10, 200) if values is None else np.asarray(values, dtype=np.float32)
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError("values must be a non-empty 1-d array of log1p CP10k values, finite and non-negative; "
+                         f"got shape {values.shape}, min {np.nanmin(values) if values.size else None}, "
+                         f"{int((~np.isfinite(values)).sum())} non-finite.")
     with torch.no_grad():
         param = next(model.value_embedding.parameters())
         w = model.value_embedding.bin_weights(torch.as_tensor(values, dtype=param.dtype, device=param.device)).float().cpu().numpy()

@@ -23,6 +23,8 @@ def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size:
     (pretraining's masking, section 4.2); a model with depth tokens gets ``T = S`` (the cell's
     own depth).
     """
+    if int(n_cells) < 1:
+        raise ValueError(f"n_cells={n_cells}: at least one cell is needed to mask and recover values.")
     dev = resolve_device(device)
     data = rna_modality(adata)
     prep = prepare_input(data)
@@ -67,12 +69,24 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
         An :class:`~scxtrimo.models.XTrimoGene` (decoder included).
     adata
         AnnData with raw counts (or prepared data); the first ``n_cells`` cells are used.
+    n_cells
+        How many cells to mask (at least 1).
+    random_state
+        Seed of the masks (cell ``i`` gets the key ``cell_keys(random_state, 0, i)``).
+    device
+        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
     show, save
         ``show=False`` returns the two axes; ``save`` is a file path to write the figure to.
 
     Returns
     -------
     ``[ax_scatter, ax_sparsity]`` when ``show=False``, else ``None``.
+
+    Raises
+    ------
+    ValueError
+        ``n_cells`` is below 1; the genes do not match the reference list, or the values are
+        negative or non-finite (as in :func:`scxtrimo.tl.embed`).
     """
     res = masked_recovery(model, adata, n_cells=n_cells, random_state=random_state, device=device)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))

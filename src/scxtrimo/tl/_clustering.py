@@ -3,6 +3,8 @@ bisected to the number of labelled types, then ARI/NMI/homogeneity/completeness/
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
@@ -66,15 +68,36 @@ def evaluate_clustering(
         ``obsm`` key of the embedding, e.g. ``"X_xtrimo"`` or ``"X_pca"``.
     n_clusters
         Target cluster count; defaults to the number of distinct labels.
+    n_neighbors
+        Neighbours per cell in the kNN graph (scanpy's default, 15).
     key_added
         ``obs`` column for the clusters; defaults to ``f"leiden_{use_rep}"``. The kNN graph is
         stored under ``neighbors_key=f"neighbors_{use_rep}"`` so other graphs stay intact.
+    random_state
+        Seed of the kNN graph and of Leiden; Leiden's result, and so the scores, change with it
+        (report several seeds).
 
     Returns
     -------
     dict
         ``ari``, ``nmi``, ``homogeneity``, ``completeness``, ``silhouette``, ``resolution``,
-        ``n_clusters``. Also stored in ``uns['xtrimo']['clustering'][use_rep]``.
+        ``n_clusters`` (the clusters found). Also stored in
+        ``uns['xtrimo']['clustering'][use_rep]``; the clusters go to ``obs[key_added]``.
+
+    Raises
+    ------
+    KeyError
+        ``obsm[use_rep]`` or ``obs[labels_key]`` does not exist.
+    ValueError
+        The labelled cells hold fewer than two types (a single cluster would score a perfect,
+        meaningless 1.0); ``n_clusters`` is below 2 or not below the number of labelled cells;
+        the embedding has non-finite values. ``adata`` is unchanged when these are raised.
+
+    Warns
+    -----
+    UserWarning
+        No Leiden resolution between 0.01 and 4 gives ``n_clusters`` clusters; the closest
+        count is scored (and returned as ``n_clusters``).
     """
     data = rna_modality(adata)
     if use_rep not in data.obsm:
@@ -82,14 +105,31 @@ def evaluate_clustering(
     if labels_key not in data.obs:
         raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
     labels = data.obs[labels_key]
-    n_clusters = n_clusters or int(labels.dropna().nunique())
+    n_labelled, n_types = int(labels.notna().sum()), int(labels.dropna().nunique())
+    if n_types < 2:
+        raise ValueError(f"obs[{labels_key!r}] has {n_types} type(s) among its {n_labelled} labelled cells "
+                         f"(of {data.n_obs}); clustering scores need at least two types. Pass a column with "
+                         "the cell types as labels_key.")
+    n_clusters = n_types if n_clusters is None else int(n_clusters)
+    if not 2 <= n_clusters < n_labelled:
+        raise ValueError(f"n_clusters={n_clusters} is out of range: it must be at least 2 and below the "
+                         f"{n_labelled} labelled cells (default: the {n_types} labelled types).")
+    emb = np.asarray(data.obsm[use_rep])
+    bad = ~np.isfinite(emb).reshape(emb.shape[0], -1).all(1)
+    if bad.any():
+        raise ValueError(f"obsm[{use_rep!r}] has non-finite values in {int(bad.sum())} cells; recompute the "
+                         "embedding, or drop those cells before scoring.")
     key_added = key_added or f"leiden_{use_rep}"
     neighbors_key = f"neighbors_{use_rep}"
     sc.pp.neighbors(data, n_neighbors=n_neighbors, use_rep=use_rep, key_added=neighbors_key, random_state=random_state)
     res = leiden_n_clusters(data, n_clusters=n_clusters, neighbors_key=neighbors_key, key_added=key_added, random_state=random_state)
+    found = int(data.obs[key_added].nunique())
+    if found != n_clusters:
+        warnings.warn(f"Leiden gave {found} clusters, not the {n_clusters} asked for, at any resolution tried "
+                      f"(closest: {res:.3g}); the scores compare {found} clusters with the labels.", stacklevel=2)
     ok = labels.notna().to_numpy()
     y, c = labels.to_numpy()[ok].astype(str), data.obs[key_added].to_numpy()[ok].astype(str)
-    emb = np.asarray(data.obsm[use_rep])[ok]
+    emb = emb[ok]
     scores = {
         "ari": float(metrics.adjusted_rand_score(y, c)),
         "nmi": float(metrics.normalized_mutual_info_score(y, c)),
@@ -97,7 +137,7 @@ def evaluate_clustering(
         "completeness": float(metrics.completeness_score(y, c)),
         "silhouette": float(metrics.silhouette_score(emb, c)) if len(set(c)) > 1 else float("nan"),
         "resolution": float(res),
-        "n_clusters": int(data.obs[key_added].nunique()),
+        "n_clusters": found,
     }
     xtrimo_uns(data).setdefault("clustering", {})[use_rep] = scores
     return scores

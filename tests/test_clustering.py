@@ -1,0 +1,68 @@
+"""tl.evaluate_clustering (appendix 4): bad labels, bad embeddings and unreachable cluster counts
+are refused or reported, never scored as if they were fine."""
+
+import numpy as np
+import pytest
+import scanpy as sc
+
+import scxtrimo
+
+
+@pytest.fixture
+def cells(pbmc3k):
+    """600 pbmc3k cells with a 20-d PCA embedding as ``obsm['E']``."""
+    a = pbmc3k[:600].copy()
+    x = a.copy()
+    sc.pp.normalize_total(x, target_sum=1e4)
+    sc.pp.log1p(x)
+    sc.pp.pca(x, n_comps=20, random_state=0)
+    a.obsm["E"] = x.obsm["X_pca"]
+    return a
+
+
+def _untouched(a, before):
+    return (set(a.uns) == before["uns"] and set(a.obs.columns) == before["obs"] and set(a.obsp) == before["obsp"])
+
+
+def _state(a):
+    return {"uns": set(a.uns), "obs": set(a.obs.columns), "obsp": set(a.obsp)}
+
+
+def test_real_types_score_well_above_shuffled_ones(cells):
+    real = scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E")
+    rng = np.random.default_rng(0)
+    cells.obs["shuffled"] = rng.permutation(cells.obs["cell_type"].to_numpy())
+    shuffled = scxtrimo.tl.evaluate_clustering(cells, labels_key="shuffled", use_rep="E")
+    assert real["n_clusters"] == cells.obs["cell_type"].nunique()
+    assert real["ari"] > 0.4 and abs(shuffled["ari"]) < 0.05, (real, shuffled)
+    assert cells.uns["xtrimo"]["clustering"]["E"]["ari"] == shuffled["ari"]
+
+
+@pytest.mark.parametrize("labels", ["missing", "one type"])
+def test_labels_without_two_types_are_refused(cells, labels):
+    """All-missing labels once scored ARI 1.0: one cluster against 'no labels' is no result."""
+    cells.obs["y"] = np.nan if labels == "missing" else "T cell"
+    before = _state(cells)
+    with pytest.raises(ValueError, match="at least two"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="y", use_rep="E")
+    assert _untouched(cells, before)
+
+
+@pytest.mark.parametrize("n", [1, 600])
+def test_a_cluster_count_out_of_range_is_refused(cells, n):
+    with pytest.raises(ValueError, match="n_clusters"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E", n_clusters=n)
+
+
+def test_a_non_finite_embedding_is_refused_before_anything_is_written(cells):
+    cells.obsm["E"][[3, 7], 0] = np.nan
+    before = _state(cells)
+    with pytest.raises(ValueError, match="non-finite values in 2 cells"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E")
+    assert _untouched(cells, before)
+
+
+def test_a_cluster_count_leiden_cannot_reach_is_reported(cells):
+    with pytest.warns(UserWarning, match="not the 300 asked for"):
+        scores = scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E", n_clusters=300)
+    assert scores["n_clusters"] < 300
