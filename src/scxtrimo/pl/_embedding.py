@@ -28,6 +28,11 @@ def embedding(adata, *, color=None, basis: str = "X_xtrimo", n_neighbors: int = 
     Returns
     -------
     The matplotlib axes when ``show=False``, else ``None``.
+
+    Raises
+    ------
+    KeyError
+        ``obsm[basis]`` does not exist (run :func:`scxtrimo.tl.embed` first).
     """
     data = rna_modality(adata)
     if basis not in data.obsm:

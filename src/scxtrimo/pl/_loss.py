@@ -22,6 +22,11 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
     Returns
     -------
     The matplotlib axes when ``show=False``, else ``None``.
+
+    Raises
+    ------
+    KeyError
+        ``history`` lacks the ``step``, ``train_mse`` or ``val_mse`` column.
     """
     missing = {"step", "train_mse", "val_mse"} - set(history.columns)
     if missing:

@@ -55,6 +55,9 @@ class CellTypeClassifier(nn.Module):
     freeze : str or int
         How it was trained: ``"none"`` (whole encoder), ``"all"`` (linear probe) or ``k`` (last
         ``k`` encoder layers trainable).
+    pooling : str
+        How the encoder output is pooled over genes (``"max"``, ``"mean"`` or ``"all"``, as in
+        :func:`scxtrimo.tl.embed`).
     """
 
     def __init__(self, backbone: XTrimoGene, classes: list[str], freeze="none", pooling: str = "max"):
