@@ -115,7 +115,7 @@ def evaluate_clustering(
         raise ValueError(f"n_clusters={n_clusters} is out of range: it must be at least 2 and below the "
                          f"{n_labelled} labelled cells (default: the {n_types} labelled types).")
     emb = np.asarray(data.obsm[use_rep])
-    bad = ~np.isfinite(emb).reshape(emb.shape[0], -1).all(1)
+    bad = ~np.isfinite(emb).all(axis=1)
     if bad.any():
         raise ValueError(f"obsm[{use_rep!r}] has non-finite values in {int(bad.sum())} cells; recompute the "
                          "embedding, or drop those cells before scoring.")
