@@ -15,6 +15,7 @@ import torch
 
 from ._device import autocast
 from ._oom import halve_rows_on_oom
+from ._validation import check_positive
 from .data._batching import TokenBatch, csr_row_batch, length_batches
 
 #: Default encoder token budget per batch (cells x longest cell), by device type.
@@ -32,7 +33,8 @@ PENDING_BATCHES = {"cpu": 1, "cuda": 16}
 
 def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
     """``batch_size`` if given, else the default most cells per encoder batch for ``device``."""
-    return batch_size or BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
+    check_positive("batch_size", batch_size, integer=True, optional=True)
+    return int(batch_size) if batch_size is not None else BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
 
 
 def token_budget(device: torch.device, max_tokens: int | None = None, *, config=None) -> int:
@@ -44,8 +46,9 @@ def token_budget(device: torch.device, max_tokens: int | None = None, *, config=
     activations stay about the same size: 262,144 tokens up to xtrimo-10m, 65,536 for
     xtrimo-100m and the authors' released 100M model.
     """
-    if max_tokens:
-        return max_tokens
+    check_positive("max_tokens", max_tokens, integer=True, optional=True)
+    if max_tokens is not None:
+        return int(max_tokens)
     budget = MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
     if device.type == "cuda" and config is not None:
         ff = config.enc_dim * config.enc_ff_mult

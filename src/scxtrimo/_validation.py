@@ -43,3 +43,21 @@ def is_integer_valued(X, *, tol: float = 1e-3) -> bool:
     if values.size == 0:
         return True
     return bool(np.all(np.abs(values - np.rint(values)) <= tol))
+
+
+def check_positive(name: str, value, *, integer: bool = False, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number above zero (an int if ``integer``).
+
+    ``optional`` allows ``None`` (the caller's default). Used for batch sizes, token budgets,
+    epochs, patience and learning rates, where zero or a negative number would otherwise be
+    read as "use the default" or train nothing, without a word.
+    """
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if integer:
+        number = number and float(value).is_integer()
+    if not number or not np.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        extra = " (or None for the default)" if optional else ""
+        raise ValueError(f"{name} must be {kind}{extra}, got {value!r}.")

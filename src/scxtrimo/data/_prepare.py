@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from .._reference import reference_genes
 from .._validation import check_finite_nonnegative
-from ..pp._align import GeneMapping, align_matrix, gene_mapping
+from ..pp._align import GeneMapping, align_matrix, gene_mapping, warn_duplicates
 from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
 from ._depth import append_depth, target_depth
 
@@ -70,10 +70,11 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
     mapping = None
     n_matched = len(reference_genes())
     if not aligned:
-        names = adata.var_names if gene_symbols is None else adata.var[gene_symbols]
         if gene_symbols is not None and gene_symbols not in adata.var:
             raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of adata.var ({list(adata.var.columns)}).")
+        names = adata.var_names if gene_symbols is None else adata.var[gene_symbols]
         mapping = gene_mapping(names, reference_genes(), var=adata.var)
+        warn_duplicates(mapping, stacklevel=4)
         n_matched = mapping.n_matched
     prep = PreparedInput(adata, source, mapping, "counts", n_matched)
     first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]

@@ -280,6 +280,17 @@ def _row_sums(X) -> np.ndarray:
     return np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
 
 
+def warn_duplicates(mapping: GeneMapping, *, stacklevel: int = 2) -> None:
+    """Warn when gene symbols occur in more than one column (their counts are summed)."""
+    if mapping.duplicates:
+        warnings.warn(
+            f"{len(mapping.duplicates)} gene symbols occur in more than one column and were "
+            f"summed, e.g. {mapping.duplicates[:5]}.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def align_genes(
     adata,
     *,
@@ -369,13 +380,7 @@ def align_genes(
         names = data.var[gene_symbols]
     mapping = gene_mapping(names, ref, var=data.var)
 
-    if mapping.duplicates:
-        warnings.warn(
-            f"{len(mapping.duplicates)} gene symbols occur in more than one column and were "
-            f"summed, e.g. {mapping.duplicates[:5]}.",
-            UserWarning,
-            stacklevel=2,
-        )
+    warn_duplicates(mapping, stacklevel=3)
 
     has_counts = "counts" in data.layers
     sources = {"X": data.X}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
 from .._oom import retry_on_oom
+from .._validation import check_positive
 from ..data._batching import TokenBudgetSplit, csr_row_batch, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
@@ -388,6 +389,8 @@ def annotate(
     ------
     ValueError
         No ``labels_key`` when training; fewer than two labelled classes; bad ``freeze``;
+        ``epochs``, ``batch_size`` or ``patience`` not a positive integer, ``lr`` or ``head_lr``
+        not a positive number;
         ``use_rep`` without ``freeze="all"`` or not made by ``tl.embed`` with this checkpoint and
         pooling; an unknown ``pooling``, or one other than a trained classifier's; the
         alignment/validation errors of :func:`scxtrimo.pp.align_genes` (e.g. too few matched
@@ -395,6 +398,9 @@ def annotate(
     KeyError
         ``labels_key`` not in ``obs``.
     """
+    for name, value, integer in (("epochs", epochs, True), ("batch_size", batch_size, True),
+                                 ("patience", patience, True), ("lr", lr, False), ("head_lr", head_lr, False)):
+        check_positive(name, value, integer=integer)
     data = rna_modality(adata)
     dev = resolve_device(device)
     if labels_key is not None and labels_key not in data.obs:

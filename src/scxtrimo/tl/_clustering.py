@@ -91,6 +91,7 @@ def evaluate_clustering(
     ValueError
         The labelled cells hold fewer than two types (a single cluster would score a perfect,
         meaningless 1.0); ``n_clusters`` is below 2 or not below the number of labelled cells;
+        ``n_neighbors`` is not an integer of at least 2;
         the embedding has non-finite values. ``adata`` is unchanged when these are raised.
 
     Warns
@@ -99,6 +100,9 @@ def evaluate_clustering(
         No Leiden resolution between 0.01 and 4 gives ``n_clusters`` clusters; the closest
         count is scored (and returned as ``n_clusters``).
     """
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or n_neighbors < 2:
+        raise ValueError(f"n_neighbors must be an integer of at least 2 (each cell counts as its own first "
+                         f"neighbour), got {n_neighbors!r}.")
     data = rna_modality(adata)
     if use_rep not in data.obsm:
         raise KeyError(f"obsm[{use_rep!r}] not found; run scxtrimo.tl.embed (or sc.pp.pca) first.")

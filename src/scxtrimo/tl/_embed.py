@@ -193,10 +193,13 @@ def embed(
         ``gene_symbols``); negative or non-finite values; cells with no expressed reference gene
         (filter them with ``sc.pp.filter_cells``); unknown ``pooling``, or ``"all"`` for a model
         without depth tokens or for cells with a total count of at most 1; an unknown
-        ``target_depth_mode`` or ``bulk``; ``bulk`` with ``total_counts_key``; a checkpoint
-        that does not load. ``adata`` is unchanged when anything fails.
+        ``target_depth_mode`` or ``bulk``; ``bulk`` with ``total_counts_key``; ``batch_size``
+        or ``max_tokens`` not a positive integer; a checkpoint that does not load. ``adata`` is
+        unchanged when anything fails. A gene symbol in several columns is summed, with a
+        ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`).
     KeyError
-        ``total_counts_key`` is not a column of ``obs``.
+        ``total_counts_key`` is not a column of ``obs``; ``gene_symbols`` is not a column of
+        ``var``.
     """
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")

@@ -17,6 +17,7 @@ from .._device import resolve_device
 from .._inference import resolve_model
 from .._oom import halve_rows_on_oom
 from .._reference import reference_genes
+from .._validation import check_positive
 from ..data._prepare import check_no_empty_cells, prepare_input
 from ..models._io import load
 from ..models._xtrimogene import XTrimoGene
@@ -157,8 +158,9 @@ def gene_embed(
         Neither ``genes`` nor ``groupby`` (per-cell results for all genes would take 39 MB per
         cell); an empty or duplicated ``genes``; a ``groupby`` column without values; too few
         genes matching the reference list; negative or non-finite values; cells with no
-        expressed reference gene; an unknown ``target_depth_mode`` or ``bulk``; a checkpoint
-        that does not load. ``adata`` is unchanged when anything fails.
+        expressed reference gene; an unknown ``target_depth_mode`` or ``bulk``; ``batch_size``
+        not a positive integer; a checkpoint that does not load. ``adata`` is unchanged when
+        anything fails.
     KeyError
         ``genes`` not in the reference list; ``groupby`` or ``total_counts_key`` not in ``obs``.
 
@@ -171,6 +173,7 @@ def gene_embed(
     (5, 2, 128)
     """
     check_bulk(bulk, total_counts_key)
+    check_positive("batch_size", batch_size, integer=True, optional=True)
     if genes is None and groupby is None:
         raise ValueError(
             "Per-cell gene-context embeddings of all 19,264 genes take 19,264 x d float32 per cell (39 MB for the "
@@ -189,7 +192,7 @@ def gene_embed(
         net = load(model, part="gene", device=dev).eval()
     else:
         net = resolve_model(model, dev)
-    cells = batch_size or GENE_BATCH.get(dev.type, 1)
+    cells = int(batch_size) if batch_size is not None else GENE_BATCH.get(dev.type, 1)
     n, g, d = data0.n_obs, len(sel), net.config.dec_dim
     index = torch.as_tensor(sel, device=dev)
     if groupby is None:

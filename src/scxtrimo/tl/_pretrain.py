@@ -27,6 +27,7 @@ from .._device import autocast
 from .._inference import resolve_model
 from .._oom import retry_on_oom
 from .._train_corpus import gene_table_training, param_groups
+from .._validation import check_positive
 from .._version import __version__
 from ..data._depth import ThinningConfig
 from ..data._masking import MaskingConfig, cell_keys, keyed_uniform
@@ -363,7 +364,8 @@ def pretrain(
     Raises
     ------
     ValueError
-        No cell passes QC; fewer training cells than ``batch_size``; an unknown ``strategy``,
+        No cell passes QC; fewer training cells than ``batch_size``; ``epochs`` or ``max_time``
+        not a positive number, ``max_steps`` not a positive integer; an unknown ``strategy``,
         ``gene_init`` or ``cell_readout``; a negative ``gene_lr_scale``, ``cell_weight`` or
         ``factor_weight``; ``cell_weight > 0`` with a trained gene table under FSDP on several
         processes; ``gene_init="coexpression"`` with streamed input or with ``model``;
@@ -377,6 +379,9 @@ def pretrain(
         ``strategy="fsdp"`` on a device / backend where torch refuses FSDP.
     """
     strategy = D.check_strategy(strategy)
+    check_positive("epochs", epochs)
+    check_positive("max_steps", max_steps, integer=True, optional=True)
+    check_positive("max_time", max_time, optional=True)
     resume = bool(resume) or resume_from is not None
     masking = masking or MaskingConfig()
     items = _as_list(data)
