@@ -28,6 +28,26 @@ def test_cli_reports_bad_input(pbmc3k, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_cli_names_a_file_that_is_not_h5ad(tmp_path, capsys):
+    src = tmp_path / "counts.csv"
+    src.write_text("gene,cell1\nCD3E,4\n")
+    assert main(["embed", str(src), str(tmp_path / "o.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert f"could not read {str(src)!r} as an .h5ad file" in err and "Traceback" not in err
+    assert main(["embed", str(tmp_path / "missing.h5ad"), str(tmp_path / "o.h5ad")]) == 2
+    assert "missing.h5ad' does not exist" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_folder_that_does_not_exist_before_embedding(pbmc3k, tmp_path, capsys):
+    src = tmp_path / "in.h5ad"
+    pbmc3k[:5].copy().write_h5ad(src)
+    dst = tmp_path / "no" / "such" / "out.h5ad"
+    assert main(["embed", str(src), str(dst)]) == 2
+    captured = capsys.readouterr()
+    assert "the folder of the output" in captured.err and "embedded" not in captured.out
+    assert not dst.parent.exists()
+
+
 @pytest.mark.slow
 def test_cli_demo(tmp_path, capsys):
     assert main(["demo", "--out-dir", str(tmp_path), "--quiet"]) == 0

@@ -15,12 +15,31 @@ import time
 from pathlib import Path
 
 
-def _embed(args) -> int:
+def _read_h5ad(path):
+    """``anndata.read_h5ad``, with an error that names the file when it is not an .h5ad file."""
     import anndata as ad
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist (or is not a file).")
+    try:
+        return ad.read_h5ad(path)
+    except OSError as err:
+        raise ValueError(f"could not read {str(path)!r} as an .h5ad file ({err}). Convert it first, e.g. "
+                         "with scanpy.read_10x_h5 / read_10x_mtx / read_loom and .write_h5ad().") from err
+
+
+def _check_writable(path) -> None:
+    """Refuse an output path whose folder does not exist, before any work is done."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder of the output {str(path)!r} does not exist; create {str(folder)!r} first.")
+
+
+def _embed(args) -> int:
     from . import tl
 
-    adata = ad.read_h5ad(args.input)
+    _check_writable(args.output)
+    adata = _read_h5ad(args.input)
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
              key_added=args.key_added, gene_symbols=args.gene_symbols, target_depth=args.target_depth,
