@@ -40,7 +40,9 @@ def test_check_positive_refuses_the_rest(value):
 
 def test_check_positive_integer_and_optional():
     check_positive("n", None, integer=True, optional=True)
-    check_positive("n", 4.0, integer=True)
+    check_positive("n", np.int32(4), integer=True)
+    with pytest.raises(ValueError, match="n must be a positive integer, got 4.0"):
+        check_positive("n", 4.0, integer=True)  # range(4.0) would fail later, deep in the training loop
     with pytest.raises(ValueError, match="n must be a positive integer \\(or None for the default\\), got 2.5"):
         check_positive("n", 2.5, integer=True, optional=True)
 

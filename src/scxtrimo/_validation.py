@@ -46,7 +46,7 @@ def is_integer_valued(X, *, tol: float = 1e-3) -> bool:
 
 
 def check_positive(name: str, value, *, integer: bool = False, optional: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number above zero (an int if ``integer``).
+    """Raise ``ValueError`` unless ``value`` is a finite number above zero (of an integer type if ``integer``).
 
     ``optional`` allows ``None`` (the caller's default). Used for batch sizes, token budgets,
     epochs, patience and learning rates, where zero or a negative number would otherwise be
@@ -54,9 +54,8 @@ def check_positive(name: str, value, *, integer: bool = False, optional: bool = 
     """
     if value is None and optional:
         return
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if integer:
-        number = number and float(value).is_integer()
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    number = isinstance(value, kinds) and not isinstance(value, bool)
     if not number or not np.isfinite(value) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
         extra = " (or None for the default)" if optional else ""
