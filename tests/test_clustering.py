@@ -57,3 +57,25 @@ def test_a_cluster_count_leiden_cannot_reach_is_reported(cells):
     with pytest.warns(UserWarning, match="not the 300 asked for"):
         scores = scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E", n_clusters=300)
     assert scores["n_clusters"] < 300
+
+
+def test_clusters_are_never_written_over_the_labels(cells):
+    cells.obs["y"] = cells.obs["cell_type"]
+    before = _state(cells)
+    with pytest.raises(ValueError, match="key_added='y' is labels_key"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="y", use_rep="E", key_added="y")
+    assert _state(cells) == before and (cells.obs["y"] == cells.obs["cell_type"]).all()
+
+
+@pytest.mark.parametrize("n", [2.7, "3"])
+def test_a_cluster_count_must_be_an_integer(cells, n):
+    with pytest.raises(ValueError, match="n_clusters must be a positive integer"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="E", n_clusters=n)
+
+
+def test_a_sparse_embedding_is_named(cells):
+    import scipy.sparse as sp
+
+    cells.obsm["S"] = sp.csr_matrix(cells.obsm["E"])
+    with pytest.raises(TypeError, match="sparse"):
+        scxtrimo.tl.evaluate_clustering(cells, labels_key="cell_type", use_rep="S")

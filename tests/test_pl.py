@@ -78,3 +78,111 @@ def test_autobin_refuses_values_that_are_not_log1p_cp10k(bundled, values):
 def test_recovery_needs_at_least_one_cell(bundled, pbmc3k):
     with pytest.raises(ValueError, match="n_cells"):
         scxtrimo.pl.recovery(bundled, pbmc3k, n_cells=0, show=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the UMAP follows the embedding; a failed plot leaves the AnnData as it was
+
+
+@pytest.fixture
+def embedded(bundled, pbmc3k):
+    small = pbmc3k[:200].copy()
+    scxtrimo.tl.embed(small, model=bundled, progress=False)
+    return small
+
+
+def test_embedding_recomputes_the_umap_when_the_embedding_or_settings_change(bundled, embedded):
+    scxtrimo.pl.embedding(embedded, show=False)
+    first = embedded.obsm["X_umap_X_xtrimo"].copy()
+    scxtrimo.pl.embedding(embedded, show=False)  # nothing changed: the stored UMAP is reused
+    np.testing.assert_array_equal(embedded.obsm["X_umap_X_xtrimo"], first)
+    scxtrimo.tl.embed(embedded, model=bundled, pooling="max", progress=False)
+    scxtrimo.pl.embedding(embedded, show=False)  # a new embedding: a new UMAP
+    second = embedded.obsm["X_umap_X_xtrimo"].copy()
+    assert not np.array_equal(second, first)
+    scxtrimo.pl.embedding(embedded, n_neighbors=5, show=False)  # new settings: a new graph and UMAP
+    assert embedded.uns["neighbors_X_xtrimo"]["params"]["n_neighbors"] == 5
+    assert not np.array_equal(embedded.obsm["X_umap_X_xtrimo"], second)
+    # evaluate_clustering's graph under the same key (3 neighbours) is not reused for the UMAP
+    embedded.obsm["X_umap_X_xtrimo"] = second
+    scxtrimo.tl.evaluate_clustering(embedded, labels_key="cell_type", n_neighbors=3)
+    scxtrimo.pl.embedding(embedded, show=False)
+    assert embedded.uns["neighbors_X_xtrimo"]["params"]["n_neighbors"] == 15
+    np.testing.assert_array_equal(embedded.obsm["X_umap_X_xtrimo"], second)
+    plt.close("all")
+
+
+def _everything(a):
+    return ({k: np.asarray(v).copy() for k, v in a.obsm.items()}, sorted(a.uns), sorted(a.obsp))
+
+
+def _same(a, b):
+    assert a[1:] == b[1:] and a[0].keys() == b[0].keys()
+    for k in a[0]:
+        np.testing.assert_array_equal(a[0][k], b[0][k])
+
+
+@pytest.mark.parametrize("kwargs", [{"color": "not_a_column"}, {"components": "1,3"}])
+def test_a_failed_embedding_plot_writes_nothing(embedded, kwargs):
+    before = _everything(embedded)
+    with pytest.raises((KeyError, IndexError, ValueError)):
+        scxtrimo.pl.embedding(embedded, show=False, **kwargs)
+    _same(_everything(embedded), before)
+    plt.close("all")
+
+
+def test_embedding_refuses_non_finite_values_and_too_few_cells(embedded):
+    bad = embedded.copy()
+    bad.obsm["X_xtrimo"][[2, 5]] = np.nan
+    with pytest.raises(ValueError, match="non-finite values in 2 cells"):
+        scxtrimo.pl.embedding(bad, show=False)
+    with pytest.raises(ValueError, match="at least 3 cells"):
+        scxtrimo.pl.embedding(embedded[:2].copy(), show=False)
+    assert "X_umap_X_xtrimo" not in bad.obsm
+
+
+def test_recovery_counts_each_target_in_one_sparsity_group(bundled, pbmc3k):
+    from scxtrimo.pl._recovery import masked_recovery
+
+    for n in (1, 8):
+        res = masked_recovery(bundled, pbmc3k[:8].copy(), n_cells=n, device="cpu")
+        assert sum(b[3] for b in res["by_sparsity"]) == len(res["true"])
+        lows = [b[0] for b in res["by_sparsity"]]
+        assert lows == sorted(set(lows))  # no repeated (empty or duplicate) group
+
+
+def test_recovery_checks_its_input_and_leaves_the_model_as_it_was(bundled, pbmc3k):
+    bundled.train()
+    try:
+        scxtrimo.pl.recovery(bundled, pbmc3k[:4].copy(), n_cells=4, show=False)
+        assert bundled.training
+    finally:
+        bundled.eval()
+    with pytest.raises(ValueError, match="n_cells must be a positive integer"):
+        scxtrimo.pl.recovery(bundled, pbmc3k[:4].copy(), n_cells=2.5, show=False)
+    empty = pbmc3k[:4].copy()
+    empty.X = empty.X * 0
+    with pytest.raises(ValueError, match="express none of the reference genes"):
+        scxtrimo.pl.recovery(bundled, empty, n_cells=4, show=False)
+    plt.close("all")
+
+
+def test_autobin_sorts_values_and_takes_a_checkpoint_name(bundled):
+    ax = scxtrimo.pl.autobin("xtrimo-3m", [5.0, 1.0, 3.0, 0.0], show=False)
+    band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+    xs = band.get_paths()[0].vertices[:, 0]
+    assert xs.min() == 0.0 and xs.max() == 5.0
+    top = xs[: len(xs) // 2]
+    assert (np.diff(top[np.isin(top, [0.0, 1.0, 3.0, 5.0])]) >= 0).all()
+    with pytest.raises(TypeError, match="model"):
+        scxtrimo.pl.autobin(scxtrimo.datasets.pbmc3k()[:2], show=False)
+    plt.close("all")
+
+
+def test_loss_names_a_pretrain_tuple_and_an_empty_history():
+    good = pd.DataFrame({"step": [1], "train_mse": [1.0], "val_mse": [1.0]})
+    with pytest.raises(TypeError, match=r"model, history = scxtrimo.tl.pretrain"):
+        scxtrimo.pl.loss((None, good), show=False)
+    with pytest.raises(ValueError, match="no rows"):
+        scxtrimo.pl.loss(good.iloc[:0], show=False)
+    plt.close("all")

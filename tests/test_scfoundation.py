@@ -392,6 +392,29 @@ def test_gene_embed_argument_errors_leave_adata_untouched(gene_model, cells):
     assert not small.obsm and "X_xtrimo_gene" not in small.uns
 
 
+def test_gene_embed_never_leaves_results_labelled_with_other_genes(gene_model, cells):
+    adata, _ = cells
+    small = adata[:4].copy()
+    small.uns["xtrimo"] = {"params": {"pooling": "mean"}}
+    scxtrimo.tl.gene_embed(small, model=gene_model, genes=["CD3E", "MS4A1"], progress=False)
+    small.obs["g"] = "x"
+    scxtrimo.tl.gene_embed(small, model=gene_model, genes=["LYZ"], groupby="g", progress=False)
+    # the per-cell results of CD3E and MS4A1 are gone, not left beside a gene list that says LYZ
+    assert "X_xtrimo_gene" not in small.obsm and "X_xtrimo_gene_expression" not in small.obsm
+    assert list(small.uns["X_xtrimo_gene"]["genes"]) == ["LYZ"]
+    scxtrimo.tl.gene_embed(small, model=gene_model, genes=["NKG7"], progress=False)
+    assert small.obsm["X_xtrimo_gene"].shape[1] == 1 and "embedding" not in small.uns["X_xtrimo_gene"]
+    assert small.uns["xtrimo"]["params"] == {"pooling": "mean"}  # embed's record is kept
+    before = (sorted(small.obsm), sorted(small.uns))
+    with pytest.raises(ValueError, match="key_added='xtrimo'"):
+        scxtrimo.tl.gene_embed(small, model=gene_model, genes=["NKG7"], key_added="xtrimo", progress=False)
+    with pytest.raises(TypeError, match="genes"):
+        scxtrimo.tl.gene_embed(small, model=gene_model, genes=5, progress=False)
+    with pytest.raises(TypeError, match="groupby"):
+        scxtrimo.tl.gene_embed(small, model=gene_model, genes=["NKG7"], groupby=["g"], progress=False)
+    assert (sorted(small.obsm), sorted(small.uns)) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # conversion and bulk input
 

@@ -60,3 +60,20 @@ def check_positive(name: str, value, *, integer: bool = False, optional: bool = 
         kind = "a positive integer" if integer else "a positive number"
         extra = " (or None for the default)" if optional else ""
         raise ValueError(f"{name} must be {kind}{extra}, got {value!r}.")
+
+
+def check_embedding(emb, key: str) -> np.ndarray:
+    """``obsm[key]`` as a dense array; ``TypeError`` if sparse, ``ValueError`` naming the cells if not finite.
+
+    An embedding is dense; a sparse one is usually a count matrix stored by mistake. Non-finite rows
+    would make scanpy's kNN graph fail deep inside scikit-learn, or Leiden score garbage.
+    """
+    if sp.issparse(emb):
+        raise TypeError(f"obsm[{key!r}] is a sparse matrix; an embedding is dense (n_obs x d). Store "
+                        "`.toarray()` of it if it is one, or pass the key of the embedding.")
+    emb = np.asarray(emb)
+    bad = ~np.isfinite(emb).all(axis=tuple(range(1, emb.ndim)))
+    if bad.any():
+        raise ValueError(f"obsm[{key!r}] has non-finite values in {int(bad.sum())} cells; recompute the "
+                         "embedding, or drop those cells first.")
+    return emb

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ._finish import finish
+from ._model import plotted_model
 from ..models._xtrimogene import XTrimoGene
 
 
@@ -18,9 +19,10 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     Parameters
     ----------
     model
-        An :class:`~scxtrimo.models.XTrimoGene`, e.g. ``scxtrimo.models.load("xtrimo-3m")``.
+        An :class:`~scxtrimo.models.XTrimoGene`, e.g. ``scxtrimo.models.load("xtrimo-3m")``, or a
+        checkpoint name or folder.
     values
-        1-d array of log1p CP10k values; default ``np.linspace(0, 10, 200)``.
+        1-d array of log1p CP10k values (drawn in increasing order); default ``np.linspace(0, 10, 200)``.
     ax
         Axes to draw on; a new figure if ``None``.
     show, save
@@ -41,6 +43,8 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
         raise ValueError("values must be a non-empty 1-d array of log1p CP10k values, finite and non-negative; "
                          f"got shape {values.shape}, min {np.nanmin(values) if values.size else None}, "
                          f"{int((~np.isfinite(values)).sum())} non-finite.")
+    values = np.sort(values)
+    model = plotted_model(model)
     with torch.no_grad():
         param = next(model.value_embedding.parameters())
         w = model.value_embedding.bin_weights(torch.as_tensor(values, dtype=param.dtype, device=param.device)).float().cpu().numpy()

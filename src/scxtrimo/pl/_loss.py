@@ -27,10 +27,21 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
     ------
     KeyError
         ``history`` lacks the ``step``, ``train_mse`` or ``val_mse`` column.
+    TypeError
+        ``history`` is not a DataFrame (e.g. the ``(model, history)`` tuple itself).
+    ValueError
+        ``history`` has no rows.
     """
+    if isinstance(history, tuple):
+        raise TypeError("history is a tuple: tl.pretrain returns (model, history); unpack it first, "
+                        "`model, history = scxtrimo.tl.pretrain(...)`, and pass the history.")
+    if not isinstance(history, pd.DataFrame):
+        raise TypeError(f"history must be the pandas DataFrame from scxtrimo.tl.pretrain, got {type(history).__name__}.")
     missing = {"step", "train_mse", "val_mse"} - set(history.columns)
     if missing:
         raise KeyError(f"history lacks columns {sorted(missing)}; pass the table from scxtrimo.tl.pretrain.")
+    if history.empty:
+        raise ValueError("history has no rows: the run recorded no evaluation (train longer, or evaluate more often).")
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(history["step"], history["train_mse"], marker="o", label="train MSE")
@@ -41,5 +52,6 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
         ax2 = ax.twinx()
         ax2.plot(history["step"], history["val_pearson"], color="grey", ls="--", label="validation Pearson r")
         ax2.set_ylabel("Pearson r")
-    ax.legend(loc="upper right")
+    lines = [*ax.get_lines(), *(ax2.get_lines() if "val_pearson" in history else [])]
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     return finish(ax.figure, ax, show=show, save=save)

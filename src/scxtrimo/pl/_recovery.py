@@ -7,10 +7,12 @@ import torch
 from .._device import autocast, resolve_device
 from ..data._masking import cell_keys
 from ..data._objective import counts_to_device, training_batch
-from ..data._prepare import counts_rows, prepare_input
+from ..data._prepare import check_no_empty_cells, counts_rows, prepare_input
 from ..models._xtrimogene import XTrimoGene
 from .._anndata import rna_modality
+from .._validation import check_positive
 from ._finish import finish
+from ._model import plotted_model
 
 
 def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size: int = 8, random_state: int = 0,
@@ -21,34 +23,46 @@ def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size:
     target: the cell's fraction of zero genes), ``pearson`` overall and ``by_sparsity`` (a list
     of ``(low, high, r, n)``). Cell ``i`` is masked with the key ``cell_keys(random_state, 0, i)``
     (pretraining's masking, section 4.2); a model with depth tokens gets ``T = S`` (the cell's
-    own depth).
+    own depth). Groups are half-open quantile ranges of the sparsity (the last closed), so each
+    target is in exactly one; with few cells, repeated quantiles merge into fewer groups. The
+    model is put back into its training mode afterwards (it stays on ``device``).
     """
-    if int(n_cells) < 1:
-        raise ValueError(f"n_cells={n_cells}: at least one cell is needed to mask and recover values.")
+    check_positive("n_cells", n_cells, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("sparsity_bins", sparsity_bins, integer=True)
+    model = plotted_model(model)
     dev = resolve_device(device)
     data = rna_modality(adata)
     prep = prepare_input(data)
     C = counts_rows(prep, 0, min(n_cells, data.n_obs))
+    check_no_empty_cells(C, data.obs_names)
+    was_training = model.training
     model = model.to(dev).eval()
     true, pred, sparsity = [], [], []
-    with torch.no_grad():
-        for s in range(0, C.shape[0], batch_size):
-            part = C[s : s + batch_size]
-            tb = training_batch(counts_to_device(part, dev), cell_keys(random_state, 0, np.arange(s, s + part.shape[0]), device=dev),
-                                depth_tokens=model.config.depth_tokens)
-            values = tb.values
-            with autocast(dev):
-                out = model(tb.inputs, tb.is_mask).float()
-            keep = tb.target & (values != 0)
-            zero_frac = 1 - (values != 0).float().mean(1, keepdim=True).expand_as(values)
-            true.append(values[keep].cpu().numpy())
-            pred.append(out[keep].cpu().numpy())
-            sparsity.append(zero_frac[keep].cpu().numpy())
+    try:
+        with torch.no_grad():
+            for s in range(0, C.shape[0], batch_size):
+                part = C[s : s + batch_size]
+                tb = training_batch(counts_to_device(part, dev), cell_keys(random_state, 0, np.arange(s, s + part.shape[0]), device=dev),
+                                    depth_tokens=model.config.depth_tokens)
+                values = tb.values
+                with autocast(dev):
+                    out = model(tb.inputs, tb.is_mask).float()
+                keep = tb.target & (values != 0)
+                zero_frac = 1 - (values != 0).float().mean(1, keepdim=True).expand_as(values)
+                true.append(values[keep].cpu().numpy())
+                pred.append(out[keep].cpu().numpy())
+                sparsity.append(zero_frac[keep].cpu().numpy())
+    finally:
+        model.train(was_training)
     true, pred, sparsity = map(np.concatenate, (true, pred, sparsity))
-    edges = np.quantile(sparsity, np.linspace(0, 1, sparsity_bins + 1))
+    # half-open groups [lo, hi), the last one closed; repeated quantiles (few cells) merge into one group
+    edges = np.unique(np.quantile(sparsity, np.linspace(0, 1, sparsity_bins + 1)))
+    group = np.clip(np.searchsorted(edges, sparsity, side="right") - 1, 0, max(len(edges) - 2, 0))
     by = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (sparsity >= lo) & (sparsity <= hi)
+    for i, lo in enumerate(edges[:-1] if len(edges) > 1 else edges):
+        hi = edges[i + 1] if len(edges) > 1 else lo
+        m = group == i
         r = float(np.corrcoef(true[m], pred[m])[0, 1]) if m.sum() > 2 else float("nan")
         by.append((float(lo), float(hi), r, int(m.sum())))
     return {"true": true, "pred": pred, "sparsity": sparsity,
@@ -66,7 +80,7 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
     Parameters
     ----------
     model
-        An :class:`~scxtrimo.models.XTrimoGene` (decoder included).
+        An :class:`~scxtrimo.models.XTrimoGene` (decoder included), or a checkpoint name or folder.
     adata
         AnnData with raw counts (or prepared data); the first ``n_cells`` cells are used.
     n_cells
@@ -85,8 +99,11 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
     Raises
     ------
     ValueError
-        ``n_cells`` is below 1; the genes do not match the reference list, or the values are
-        negative or non-finite (as in :func:`scxtrimo.tl.embed`).
+        ``n_cells`` is not a positive integer; the genes do not match the reference list, the
+        values are negative or non-finite, or a cell expresses no reference gene (as in
+        :func:`scxtrimo.tl.embed`).
+    TypeError
+        ``model`` is not a model or a checkpoint name or folder.
     """
     res = masked_recovery(model, adata, n_cells=n_cells, random_state=random_state, device=device)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))

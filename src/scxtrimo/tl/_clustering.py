@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from sklearn import metrics
 
 from .._anndata import rna_modality, xtrimo_uns
+from .._validation import check_embedding, check_positive
 
 
 def leiden_n_clusters(
@@ -91,8 +92,11 @@ def evaluate_clustering(
     ValueError
         The labelled cells hold fewer than two types (a single cluster would score a perfect,
         meaningless 1.0); ``n_clusters`` is below 2 or not below the number of labelled cells;
-        ``n_neighbors`` is not an integer of at least 2;
-        the embedding has non-finite values. ``adata`` is unchanged when these are raised.
+        ``n_neighbors`` is not an integer of at least 2; ``n_clusters`` is not an integer;
+        ``key_added`` equals ``labels_key``; the embedding has non-finite values. ``adata`` is
+        unchanged when these are raised.
+    TypeError
+        ``obsm[use_rep]`` is a sparse matrix.
 
     Warns
     -----
@@ -114,16 +118,16 @@ def evaluate_clustering(
         raise ValueError(f"obs[{labels_key!r}] has {n_types} type(s) among its {n_labelled} labelled cells "
                          f"(of {data.n_obs}); clustering scores need at least two types. Pass a column with "
                          "the cell types as labels_key.")
+    check_positive("n_clusters", n_clusters, integer=True, optional=True)
     n_clusters = n_types if n_clusters is None else int(n_clusters)
     if not 2 <= n_clusters < n_labelled:
         raise ValueError(f"n_clusters={n_clusters} is out of range: it must be at least 2 and below the "
                          f"{n_labelled} labelled cells (default: the {n_types} labelled types).")
-    emb = np.asarray(data.obsm[use_rep])
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-        raise ValueError(f"obsm[{use_rep!r}] has non-finite values in {int(bad.sum())} cells; recompute the "
-                         "embedding, or drop those cells before scoring.")
+    emb = check_embedding(data.obsm[use_rep], use_rep)
     key_added = key_added or f"leiden_{use_rep}"
+    if key_added == labels_key:
+        raise ValueError(f"key_added={key_added!r} is labels_key: the clusters would overwrite the labels they are "
+                         "scored against. Pass another key_added (default: 'leiden_<use_rep>').")
     neighbors_key = f"neighbors_{use_rep}"
     sc.pp.neighbors(data, n_neighbors=n_neighbors, use_rep=use_rep, key_added=neighbors_key, random_state=random_state)
     res = leiden_n_clusters(data, n_clusters=n_clusters, neighbors_key=neighbors_key, key_added=key_added, random_state=random_state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .._anndata import rna_modality, xtrimo_uns
+from .._anndata import UNS_KEY, rna_modality, xtrimo_uns
 from .._device import resolve_device
 from .._inference import resolve_model
 from .._oom import halve_rows_on_oom
@@ -33,6 +33,8 @@ def _select_genes(genes: str | Sequence[str] | None) -> tuple[np.ndarray, pd.Ind
     ref = reference_genes()
     if genes is None:
         return np.arange(len(ref)), ref
+    if not isinstance(genes, str) and not (isinstance(genes, Iterable) and all(isinstance(g, str) for g in genes)):
+        raise TypeError(f"genes must be a gene symbol or a list of gene symbols, got {genes!r}.")
     names = pd.Index([genes] if isinstance(genes, str) else list(genes), dtype=object)
     if len(names) == 0:
         raise ValueError("genes is empty; pass gene symbols of the reference list, or None for all 19,264.")
@@ -50,6 +52,8 @@ def _groups(adata, groupby: str | None) -> tuple[np.ndarray | None, pd.Index | N
     """Per-cell group code (-1: no group) and the group names (groups with at least one cell)."""
     if groupby is None:
         return None, None
+    if not isinstance(groupby, str):
+        raise TypeError(f"groupby must be the name of one obs column, got {groupby!r}.")
     if groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs ({list(adata.obs.columns)[:10]}).")
     cat = pd.Categorical(adata.obs[groupby])
@@ -147,7 +151,8 @@ def gene_embed(
     * with ``groupby``: ``uns[key_added]['embedding']``, ``(k, G, d)`` float32 and
       ``uns[key_added]['expression']``, ``(k, G)`` float32: means over each group's cells
       (accumulated in float64); ``uns[key_added]['groups']`` (``(k,)`` str, the
-      categories' order), ``['n_cells']`` (``(k,)`` int64) and ``['groupby']``;
+      categories' order), ``['n_cells']`` (``(k,)`` int64) and ``['groupby']``; per-cell
+      results of an earlier call under ``key_added`` (other genes) are removed from ``obsm``;
     * always ``uns[key_added]['genes']``, ``(G,)`` str, and ``uns['xtrimo']['gene_embed']``:
       checkpoint name and sha256, configuration, package version, genes matched, input kind,
       depth-token or bulk settings, ``key_added``, ``groupby``, number of genes kept, device.
@@ -159,10 +164,12 @@ def gene_embed(
         cell); an empty or duplicated ``genes``; a ``groupby`` column without values; too few
         genes matching the reference list; negative or non-finite values; cells with no
         expressed reference gene; an unknown ``target_depth_mode`` or ``bulk``; ``batch_size``
-        not a positive integer; a checkpoint that does not load. ``adata`` is unchanged when
-        anything fails.
+        not a positive integer; ``key_added='xtrimo'`` (scxtrimo's own record); a checkpoint
+        that does not load. ``adata`` is unchanged when anything fails.
     KeyError
         ``genes`` not in the reference list; ``groupby`` or ``total_counts_key`` not in ``obs``.
+    TypeError
+        ``genes`` is not a symbol or a list of symbols; ``groupby`` is not one column name.
 
     Examples
     --------
@@ -174,6 +181,9 @@ def gene_embed(
     """
     check_bulk(bulk, total_counts_key)
     check_positive("batch_size", batch_size, integer=True, optional=True)
+    if key_added == UNS_KEY:
+        raise ValueError(f"key_added={key_added!r} would replace uns[{UNS_KEY!r}], where scxtrimo records its "
+                         "parameters; choose another key (default 'X_xtrimo_gene').")
     if genes is None and groupby is None:
         raise ValueError(
             "Per-cell gene-context embeddings of all 19,264 genes take 19,264 x d float32 per cell (39 MB for the "
@@ -234,7 +244,9 @@ def gene_embed(
     if groupby is None:
         data.obsm[key_added] = emb
         data.obsm[f"{key_added}_expression"] = expr
-    else:
+    else:  # per-cell results of an earlier call are of other genes: drop them, as uns[key_added] is replaced
+        data.obsm.pop(key_added, None)
+        data.obsm.pop(f"{key_added}_expression", None)
         n_cells = np.bincount(codes[codes >= 0], minlength=len(groups)).astype(np.int64)
         entry.update(embedding=(emb / n_cells[:, None, None]).astype(np.float32),
                      expression=(expr / n_cells[:, None]).astype(np.float32),
