@@ -322,3 +322,19 @@ def test_gene_mapping_fields(pbmc3k):
     assert len(m.unmatched_examples) == 10
     assert not set(m.unmatched_examples) & set(REF)
     assert (REF[m.dst] == pbmc3k.var_names[m.src]).all()
+
+
+def test_counts_in_a_layer_with_no_x_are_aligned(pbmc3k):
+    a = pbmc3k[:50].copy()
+    a.layers["counts"] = a.X.copy()
+    a.X = None
+    out = scxtrimo.pp.align_genes(a)
+    assert out.X is None and out.layers["counts"].shape == (50, 19_264)
+    expected = scxtrimo.pp.align_genes(pbmc3k[:50].copy()).X
+    assert (out.layers["counts"] != expected).nnz == 0
+
+
+@pytest.mark.parametrize("gene_list", [[], "CD3E"])
+def test_an_empty_or_string_gene_list_is_refused(pbmc3k, gene_list):
+    with pytest.raises((ValueError, TypeError), match="gene_list"):
+        scxtrimo.pp.align_genes(pbmc3k, gene_list=gene_list)

@@ -349,3 +349,64 @@ def test_align_then_normalize(pbmc3k):
     assert aligned.uns["xtrimo"]["align"]["n_matched"] == 11_213
     sums = np.asarray(np.expm1(aligned.X.astype(np.float64)).sum(axis=1)).ravel()
     np.testing.assert_allclose(sums, 1e4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# markers and layers left by earlier work are checked against the values, never trusted blindly
+
+
+def test_a_stale_log1p_marker_on_unlogged_values_is_not_trusted(pbmc3k, pbmc3k_scanpy):
+    """``uns['log1p']`` left over from earlier work, X holding CP10k (not logged): expm1 of values
+    up to 10^4 overflowed and wrote NaN into X and layers['counts']."""
+    a = _scanpy_normalized(pbmc3k)
+    a.uns["log1p"] = {"base": None}
+    with pytest.warns(UserWarning, match="not raw counts"):
+        scxtrimo.pp.normalize(a)
+    assert np.isfinite(a.X.data).all() and np.isfinite(a.layers["counts"].data).all()
+    assert a.uns["xtrimo"]["normalize"]["input_kind"] == "normalized"
+    _assert_close(a.X, pbmc3k_scanpy.X)
+
+
+def test_an_existing_counts_layer_is_read_not_overwritten(pbmc3k, pbmc3k_scanpy):
+    """The usual scanpy set-up: counts in layers['counts'], log1p CP10k in X. The counts were
+    replaced by estimates from X (a third of them, when each cell's smallest count is 3)."""
+    a = pbmc3k.copy()
+    a.X = (a.X * 3).tocsr()
+    a.layers["counts"] = a.X.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    counts = a.layers["counts"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # counts are read: nothing to warn about
+        scxtrimo.pp.normalize(a)
+    assert _same_sparse(a.layers["counts"], counts)
+    _assert_close(a.X, pbmc3k_scanpy.X)
+    b = pbmc3k.copy()
+    b.layers["counts"] = b.X.copy()
+    b.layers["spliced"] = b.X.copy()
+    before = _state(b)
+    with pytest.raises(ValueError, match="layers\\['counts'\\] already"):
+        scxtrimo.pp.normalize(b, layer="spliced")
+    _assert_state(b, before)
+
+
+@pytest.mark.parametrize("target_sum", ["1e4", True, 0])
+def test_target_sum_must_be_a_positive_number(pbmc3k, target_sum):
+    with pytest.raises(ValueError, match="target_sum must be a positive number"):
+        scxtrimo.pp.normalize(pbmc3k, target_sum=target_sum)
+
+
+def test_normalize_then_align_does_not_pass_for_prepared_input(pbmc3k):
+    """normalize before align_genes: X is log1p CP10k over the input genes, so after alignment its
+    rows no longer sum to 10^4; the normalize marker travelled along and embed took X as it was."""
+    from scxtrimo.data._prepare import prepare_input
+
+    a = pbmc3k[:300].copy()
+    scxtrimo.pp.normalize(a)
+    b = scxtrimo.pp.align_genes(a)
+    assert not is_xtrimo_normalized(b) and "align" in b.uns["xtrimo"]
+    prep = prepare_input(b)
+    assert prep.source == "layers['counts']" and prep.kind == "counts"
+    scxtrimo.pp.normalize(b)  # reads the aligned counts
+    sums = np.asarray(np.expm1(b.X.astype(np.float64)).sum(axis=1)).ravel()
+    np.testing.assert_allclose(sums, 1e4, rtol=1e-4)

@@ -329,7 +329,8 @@ def align_genes(
     anndata.AnnData
         ``n_obs x len(gene_list)`` (19,264 by default):
 
-        - ``X``: CSR ``float32``, the input values (counts stay counts) in reference order.
+        - ``X``: CSR ``float32``, the input values (counts stay counts) in reference order
+          (``None`` if the input's ``X`` is ``None`` and its counts are in ``layers['counts']``).
         - ``layers['counts']``: aligned the same way, if the input has that layer; other layers
           are dropped.
         - ``var``: index = reference symbols; boolean ``var['xtrimo_matched']``.
@@ -338,7 +339,10 @@ def align_genes(
           genes; 0.0 for cells whose total is zero.
         - ``uns['xtrimo']['align']``: ``n_input_genes``, ``n_matched`` (distinct reference genes
           matched), ``fraction_matched`` (of the reference list), ``n_duplicates``,
-          ``kept_fraction_median``, ``kept_fraction_min``.
+          ``kept_fraction_median``, ``kept_fraction_min``. The marker of
+          :func:`scxtrimo.pp.normalize` (``uns['xtrimo']['normalize']``) is dropped: values
+          normalized over the input's genes are not log1p CP10k over the reference genes, so
+          run :func:`~scxtrimo.pp.normalize` after ``align_genes`` (it reads ``layers['counts']``).
 
         ``obsm``, ``obsp`` and ``uns`` are carried over (see ``copy``); ``varm``, ``varp``,
         ``raw`` and the input's ``var`` columns are not, as they describe the old gene axis.
@@ -348,7 +352,10 @@ def align_genes(
     ValueError
         Too few genes match, or the names look like Ensembl IDs (see
         :func:`~scxtrimo.pp._align.gene_mapping`); ``X`` (or ``layers['counts']``) has negative,
-        NaN or infinite values.
+        NaN or infinite values; ``X`` is ``None`` with no ``layers['counts']``; an empty
+        ``gene_list``.
+    TypeError
+        ``gene_list`` is a single string.
     KeyError
         ``gene_symbols`` is not a column of ``adata.var``.
 
@@ -366,8 +373,12 @@ def align_genes(
     (2638, 19264)
     """
     data = rna_modality(adata)
+    if isinstance(gene_list, str):
+        raise TypeError(f"gene_list must be a list of gene symbols, got the string {gene_list!r}.")
     ref = reference_genes() if gene_list is None else pd.Index(_as_symbols(gene_list))
     n_ref = len(ref)
+    if n_ref == 0:
+        raise ValueError("gene_list is empty; pass the model's gene symbols, or None for the reference list.")
 
     if gene_symbols is None:
         names = data.var_names
@@ -383,11 +394,11 @@ def align_genes(
     warn_duplicates(mapping, stacklevel=3)
 
     has_counts = "counts" in data.layers
-    sources = {"X": data.X}
+    sources = {} if data.X is None else {"X": data.X}
     if has_counts:
         sources["counts"] = data.layers["counts"]
-    if sources["X"] is None:
-        raise ValueError("adata.X is None; put the expression matrix in X (or a counts layer).")
+    if not sources:
+        raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X.")
 
     n_obs = data.n_obs
     blocks: dict[str, list[sp.csr_matrix]] = {k: [] for k in sources}
@@ -414,7 +425,7 @@ def align_genes(
         out.sort_indices()
         return out
 
-    X_al = stack(blocks["X"])
+    X_al = stack(blocks["X"]) if "X" in blocks else None
     total = np.concatenate(totals) if totals else np.zeros(0)
     kept_sum = np.concatenate(kept) if kept else np.zeros(0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -434,6 +445,9 @@ def align_genes(
     uns = carry(data.uns)
     entry = uns.get(UNS_KEY)
     entry = dict(entry) if isinstance(entry, dict) else {}  # never write into the input's dict
+    # values normalized over the input's genes no longer sum to target_sum over the reference genes:
+    # drop the marker, so that tl.embed and pp.normalize start again from the aligned counts
+    entry.pop("normalize", None)
     entry["align"] = {
         "n_input_genes": int(mapping.n_input_genes),
         "n_matched": int(mapping.n_matched),

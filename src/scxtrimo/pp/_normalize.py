@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._anndata import UNS_KEY, rna_modality
-from .._validation import check_finite_nonnegative, is_integer_valued
+from .._validation import check_finite_nonnegative, check_positive, is_integer_valued
 
 __all__ = ["normalize", "to_counts", "log1p_normalize", "median_total", "is_xtrimo_normalized"]
 
@@ -114,15 +114,29 @@ def _expm1(X: sp.csr_matrix, base: float | None) -> sp.csr_matrix:
     data = X.data.astype(np.float64)
     if base is not None:
         data = data * np.log(base)
-    return _with_data(X, np.expm1(data))
+    with np.errstate(over="ignore"):
+        data = np.expm1(data)
+    if not np.isfinite(data).all() or (data.size and data.max() > np.finfo(np.float32).max):
+        raise ValueError(f"Values up to {X.data.max():.4g} treated as log1p overflow when reverted: they are not "
+                         "log-transformed. Pass raw counts, or the matrix without a stale `uns['log1p']` marker.")
+    return _with_data(X, data)
 
 
 def _detect(X: sp.csr_matrix, uns: Any) -> tuple[str, str]:
     """Guess what ``X`` holds; returns ``(kind, human-readable reason)``."""
     if X.nnz == 0 or is_integer_valued(X):
         return "counts", "integer values"
+    stale = ""
     if uns is not None and hasattr(uns, "__contains__") and "log1p" in uns:
-        return "log1p", "non-integer values and `uns['log1p']` (scanpy's log1p marker)"
+        if X.data.max() < _LOG_MAX:
+            return "log1p", "non-integer values and `uns['log1p']` (scanpy's log1p marker)"
+        stale = f" (`uns['log1p']` ignored: values up to {X.data.max():.4g} are not logged)"
+    kind, reason = _detect_from_values(X)
+    return kind, reason + stale
+
+
+def _detect_from_values(X: sp.csr_matrix) -> tuple[str, str]:
+    """``'normalized'`` or ``'log1p'`` for non-integer ``X``, from its values alone."""
     sample = _sample_rows(X)
     score = _scaled_count_score(sample)
     if np.isnan(score) or score >= _SCALED_COUNT_SCORE:
@@ -346,7 +360,10 @@ def normalize(
         the authors' normalization of raw bulk RNA-seq (paper section 5.4.3; see also
         ``bulk=`` of :func:`scxtrimo.tl.embed`, which applies it on the fly).
     layer
-        Read the input from ``adata.layers[layer]`` instead of ``X``.
+        Read the input from ``adata.layers[layer]`` instead of ``X``. By default
+        ``layers['counts']`` is read when present (as :func:`scxtrimo.tl.embed` reads it), else
+        ``X``; another layer is refused while ``layers['counts']`` exists, as the counts written
+        would replace it.
     copy
         Return a normalized copy instead of modifying ``adata`` (scanpy semantics). For a
         ``MuData``, the copy is a ``MuData``.
@@ -368,8 +385,10 @@ def normalize(
     Raises
     ------
     ValueError
-        Negative, NaN or infinite values; an all-zero matrix; a backed AnnData; a non-positive
-        ``target_sum``; or data already normalized by this function (``uns['xtrimo']
+        Negative, NaN or infinite values; an all-zero matrix; a backed AnnData; a ``target_sum``
+        that is not a positive number; ``layer`` other than ``'counts'`` while
+        ``layers['counts']`` exists; values marked log1p by ``uns['log1p']`` that overflow when
+        reverted; or data already normalized by this function (``uns['xtrimo']
         ['normalize']`` and ``layers['counts']`` present: pass ``layer='counts'`` to redo it).
         A failed call leaves ``adata`` unchanged.
     KeyError
@@ -395,8 +414,7 @@ def normalize(
             "normalize writes X and layers, so it needs the data in memory: load it with "
             "`adata = adata.to_memory()`."
         )
-    if target_sum is not None and (not np.isfinite(target_sum) or target_sum <= 0):
-        raise ValueError(f"target_sum must be a positive number (or None: the median total), got {target_sum!r}.")
+    check_positive("target_sum", target_sum, optional=True)
 
     entry = data.uns.get(UNS_KEY)
     if layer is None and isinstance(entry, dict) and "normalize" in entry and "counts" in data.layers:
@@ -404,6 +422,8 @@ def normalize(
             "This data was already normalized by scxtrimo.pp.normalize (X holds log1p values, "
             "layers['counts'] the counts). To redo it, pass `layer='counts'`."
         )
+    if layer is None and "counts" in data.layers:  # the counts, as tl.embed reads them
+        layer = "counts"
     if layer is None:
         src, what = data.X, "adata.X"
         if src is None:
@@ -411,6 +431,9 @@ def normalize(
     else:
         if layer not in data.layers:
             raise KeyError(f"layer={layer!r} is not in adata.layers ({list(data.layers.keys())}).")
+        if layer != "counts" and "counts" in data.layers:
+            raise ValueError(f"layers['counts'] already holds counts, and normalize would replace them with those of "
+                             f"layers[{layer!r}]. Pass layer='counts', or remove or rename layers['counts'] first.")
         src, what = data.layers[layer], f"adata.layers[{layer!r}]"
 
     counts, kind = to_counts(src, uns=data.uns if layer is None else None, what=what)
