@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -126,3 +128,123 @@ def test_card_names_the_depth_thinning_per_segment():
     assert "50% of the cells" in same and "no depth tokens" in same and "by segment" not in same
     mixed = thinning_words([{"args": {"p_thin": 0.5}}, {"args": {"p_thin": 0.8}}], depth_tokens=True)
     assert "by segment 50% / 80%" in mixed and "T = log10 of the real total" in mixed
+
+
+def test_save_keeps_the_models_metadata(pbmc3k, tmp_path):
+    bundled = load("xtrimo-3m")
+    loaded = load(bundled.save(tmp_path / "ck"))
+    assert loaded.metadata == bundled.metadata and loaded.default_pooling == "mean"
+    a, b = pbmc3k[:40].copy(), pbmc3k[:40].copy()
+    scxtrimo.tl.embed(a, model=bundled, progress=False)
+    scxtrimo.tl.embed(b, model=loaded, progress=False)
+    np.testing.assert_array_equal(a.obsm["X_xtrimo"], b.obsm["X_xtrimo"])
+    # passed keys win over the model's own
+    again = load(bundled.save(tmp_path / "ck2", metadata={"pooling": "max", "note": "x"}))
+    assert again.metadata == {**bundled.metadata, "pooling": "max", "note": "x"} and again.default_pooling == "max"
+
+
+def test_bare_name_is_the_bundled_checkpoint_not_a_local_folder(random_3m, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = random_3m.save("xtrimo-3m")
+    own = _io.sha256_file(folder / "model.safetensors")
+    named = load("xtrimo-3m")
+    assert named.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"] and named.default_pooling == "mean"
+    for as_path in ("./xtrimo-3m", folder, tmp_path / "xtrimo-3m"):
+        assert load(as_path).checkpoint_sha256 == own
+    shutil.rmtree(folder)
+    (tmp_path / "xtrimo-3m").write_bytes(b"not a checkpoint")  # nor a file of that name
+    assert load("xtrimo-3m").checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
+
+
+def _edit_config(folder, edit):
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_with_missing_fields_or_newer_format_is_refused(random_3m, tmp_path):
+    folder = random_3m.save(tmp_path / "ck")
+    _edit_config(folder, lambda c: [c.pop("enc_dim"), c.pop("n_bins")])
+    with pytest.raises(ValueError, match=r"config\.json.*lacks.*\['enc_dim', 'n_bins'\]"):
+        load(folder)
+    folder = random_3m.save(tmp_path / "ck")
+    _edit_config(folder, lambda c: c.pop("format_version"))
+    with pytest.raises(ValueError, match=r"config\.json.*lacks.*format_version"):
+        load(folder)
+    for version in (_io.FORMAT_VERSION + 1, "1", True, 0):
+        _edit_config(folder, lambda c: c.update(format_version=version))
+        with pytest.raises(ValueError, match=rf"config\.json.*format_version {version!r}"):
+            load(folder)
+
+
+def test_config_before_the_architecture_switches_still_loads(random_3m, tmp_path):
+    """Files written before the released-architecture switches (76546aa) and the decoder options
+    (e99bf98) lack those fields; they load as the architecture they were trained with."""
+    folder = random_3m.save(tmp_path / "ck")
+    _edit_config(folder, lambda c: [c.pop(k) for k in _io.ADDED_FIELDS])
+    assert set(_io.ADDED_FIELDS) == {"enc_norm_first", "enc_activation", "dec_dim_head", "out_norm", "depth_tokens",
+                                     "key_max", "feature_redraw_interval", "decoder_zero_mass"}
+    assert load(folder).config == random_3m.config
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64, "float16"])
+def test_save_refuses_non_floating_dtype(random_3m, tmp_path, dtype):
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        random_3m.save(tmp_path / "ck", dtype=dtype)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_refuses_metadata_json_cannot_hold(random_3m, tmp_path):
+    with pytest.raises(ValueError, match=r"\['n'\].*JSON.*int64"):
+        random_3m.save(tmp_path / "ck", metadata={"n": np.int64(3)})
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        random_3m.save(tmp_path / "ck", metadata=[("pooling", "mean")])
+    model = XTrimoGene("xtrimo-3m")
+    model.metadata = {"val_mse": np.float32(0.3)}  # the model's own metadata is checked too
+    with pytest.raises(ValueError, match="JSON"):
+        model.save(tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_failed_save_leaves_no_temporary_files_and_the_old_checkpoint(random_3m, tmp_path, monkeypatch):
+    folder = random_3m.save(tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def fail():
+        raise OSError("disk full")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_io, "reference_genes", fail)  # fails after the weights and config are written
+        with pytest.raises(OSError, match="disk full"):
+            XTrimoGene("xtrimo-3m").save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_unreadable_checkpoint_files_are_named(random_3m, tmp_path):
+    good = random_3m.save(tmp_path / "good")
+    wide = json.dumps({**json.loads((good / "config.json").read_text()), "enc_dim": "wide"}).encode()
+    cases = [
+        ("config.json", b"{not json"), ("config.json", b"[1, 2]"), ("config.json", wide),
+        ("genes.txt", b"\xff\xfe" + (good / "genes.txt").read_bytes()),
+        ("model.safetensors", (good / "model.safetensors").read_bytes()[:100_000]),
+        ("model.safetensors", b"garbage" * 10),
+    ]
+    for name, content in cases:
+        folder = tmp_path / "bad"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(good, folder)
+        (folder / name).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(folder / name))):
+            load(folder)
+
+
+def test_load_refuses_no_name_and_files_inside_a_checkpoint(random_3m, tmp_path):
+    with pytest.raises(TypeError, match="None"):
+        load(None)
+    with pytest.raises(ValueError, match="empty"):
+        load("")
+    folder = random_3m.save(tmp_path / "ck")
+    for name in ("model.safetensors", "config.json", "genes.txt"):
+        with pytest.raises(ValueError, match=rf"inside the checkpoint folder.*{re.escape(str(folder))}"):
+            load(folder / name)

@@ -88,3 +88,28 @@ def test_tampered_cache_is_downloaded_again(published, tmp_path):
 def test_registry_needs_every_hash():
     with pytest.raises(ValueError, match="sha256"):
         _registry.RemoteCheckpoint("x", "http://127.0.0.1/", {"config.json": "0" * 64})
+
+
+def test_registered_name_is_not_shadowed_by_a_local_folder(published, tmp_path, monkeypatch):
+    model, folder = published
+    monkeypatch.chdir(tmp_path)
+    scxtrimo.models.XTrimoGene("xtrimo-3m").save("xtrimo-test")
+    assert scxtrimo.models.load("xtrimo-test").checkpoint_sha256 == _io.sha256_file(folder / "model.safetensors")
+
+
+def test_register_refuses_bundled_names_bad_names_and_bad_hashes(monkeypatch):
+    monkeypatch.setattr(_registry, "REMOTE", {})
+    good = {f: "ab" * 32 for f in _registry.FILES}
+    with pytest.raises(ValueError, match="bundled"):
+        scxtrimo.models.register("xtrimo-3m", "http://127.0.0.1/", good)
+    for name in ("../x", "a/b", "a\\b", "..", "", None):
+        with pytest.raises(ValueError, match="name"):
+            scxtrimo.models.register(name, "http://127.0.0.1/", good)
+    for bad in (None, "abc", "g" * 64, "ab" * 33, 12):
+        with pytest.raises(ValueError, match=r"sha256 of model\.safetensors.*64 hex"):
+            scxtrimo.models.register("x", "http://127.0.0.1/", {**good, "model.safetensors": bad})
+    with pytest.raises(ValueError, match="unknown files"):
+        scxtrimo.models.register("x", "http://127.0.0.1/", {**good, "model.ckpt": "ab" * 32})
+    assert _registry.REMOTE == {}
+    entry = scxtrimo.models.register("x", "http://127.0.0.1/", {**good, "genes.txt": "SHA256:" + "AB" * 32})
+    assert entry.sha256 == good and _registry.REMOTE == {"x": entry}

@@ -8,11 +8,13 @@ in a cache folder (``$SCXTRIMO_CACHE`` if set, else the platform cache, e.g.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE_ENV = "SCXTRIMO_CACHE"
 FILES = ("config.json", "model.safetensors", "genes.txt")
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,24 @@ class RemoteCheckpoint:
     sha256: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        missing = set(FILES) - set(self.sha256)
-        if missing:
-            raise ValueError(f"Checkpoint {self.name!r}: no sha256 given for {sorted(missing)}.")
+        name = self.name
+        if not isinstance(name, str) or name in ("", ".") or any(s in name for s in ("/", "\\", "..")):
+            raise ValueError(f"Checkpoint name {name!r} cannot name its cache folder: give a non-empty name "
+                             "without '/', '\\' or '..'.")
+        missing, unknown = set(FILES) - set(self.sha256), set(self.sha256) - set(FILES)
+        if missing or unknown:
+            raise ValueError(f"Checkpoint {name!r}: give the sha256 of each of {list(FILES)}; none given for "
+                             f"{sorted(missing)}, unknown files {sorted(unknown)}.")
+        object.__setattr__(self, "sha256", {f: _digest(name, f, self.sha256[f]) for f in FILES})
+
+
+def _digest(name: str, fname: str, value) -> str:
+    """``value`` as 64 lower-case hex digits (upper case and a ``sha256:`` prefix are accepted)."""
+    digest = value.lower().removeprefix("sha256:") if isinstance(value, str) else ""
+    if not _SHA256.fullmatch(digest):
+        raise ValueError(f"Checkpoint {name!r}: the sha256 of {fname} is {value!r}; give its 64 hex digits "
+                         f"(as `sha256sum {fname}` prints them; a 'sha256:' prefix is accepted).")
+    return digest
 
 
 #: Downloadable checkpoints (name -> RemoteCheckpoint). Published models are added here.
@@ -43,7 +60,28 @@ def cache_dir() -> Path:
 
 
 def register(name: str, base_url: str, sha256: dict) -> RemoteCheckpoint:
-    """Make ``scxtrimo.models.load(name)`` download ``base_url/<file>`` for the three files."""
+    """Make ``scxtrimo.models.load(name)`` download ``base_url/<file>`` for the three files.
+
+    Parameters
+    ----------
+    name
+        The name :func:`scxtrimo.models.load` takes; also the cache folder's name.
+    base_url
+        Where the files are: ``base_url/config.json``, ``base_url/model.safetensors``, ``base_url/genes.txt``.
+    sha256
+        File name -> sha256 (64 hex digits; upper case and a ``sha256:`` prefix are accepted) for
+        exactly those three files.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is a bundled checkpoint's, empty, or holds ``/``, ``\\`` or ``..``; a file's sha256
+        is missing or not 64 hex digits; ``sha256`` names other files. Nothing is registered then.
+    """
+    from ._io import BUNDLED
+
+    if name in BUNDLED:
+        raise ValueError(f"{name!r} is a checkpoint bundled with scxtrimo; register the download under another name.")
     entry = RemoteCheckpoint(name, base_url.rstrip("/") + "/", dict(sha256))
     REMOTE[name] = entry
     return entry

@@ -79,7 +79,16 @@ class XTrimoGene(nn.Module):
         """Write ``config.json``, ``model.safetensors`` and ``genes.txt`` into the folder ``path``.
 
         ``dtype=torch.float16`` halves the file; loading always returns float32 weights.
+        ``config.json`` keeps ``self.metadata`` updated with ``metadata`` (its keys win).
         See :func:`scxtrimo.models.load`.
+
+        Raises
+        ------
+        ValueError
+            ``dtype`` is not a floating-point torch dtype, or the metadata cannot be written as
+            JSON (nothing is written then).
+        TypeError
+            ``metadata`` is not a dict.
         """
         from ._io import save
 
