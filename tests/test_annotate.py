@@ -1,5 +1,7 @@
+import warnings
 from contextlib import nullcontext
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -51,7 +53,8 @@ def test_linear_probe_outputs_and_beats_majority_baseline(probe):
     assert rep["test_accuracy"] > (y == majority).mean()
     cm = np.asarray(rep["confusion_matrix"])
     assert cm.shape == (8, 8) and cm.sum() == sizes["test"]
-    assert set(rep["per_class_f1"]) == set(classes)
+    f1 = rep["per_class_f1"]["f1"]  # every class has test cells here
+    assert list(f1.index) == classes and f1.between(0, 1).all()
 
 
 def test_classifier_save_load_and_query(probe, tmp_path, pbmc3k_session):
@@ -59,10 +62,32 @@ def test_classifier_save_load_and_query(probe, tmp_path, pbmc3k_session):
     clf.save(tmp_path / "clf")
     loaded = CellTypeClassifier.load(tmp_path / "clf")
     assert loaded.classes == clf.classes
+    auto = CellTypeClassifier.load(tmp_path / "clf", device="auto")
+    assert auto.head.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        clf.save(tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "x"
+    # a saved classifier is not a checkpoint: annotate says how to apply it
+    query = pbmc3k_session[:40].copy()
+    for path in (tmp_path / "clf", str(tmp_path / "clf" / "classes.json")):
+        with pytest.raises(ValueError, match=r"CellTypeClassifier\.load"):
+            scxtrimo.tl.annotate(query, model=path, labels_key="cell_type", progress=False)
+    assert "xtrimo_label" not in query.obs and "xtrimo" not in query.uns
+    # training arguments given with a trained classifier are ignored, with a warning naming them
+    with pytest.warns(UserWarning, match="freeze, epochs .*ignored"):
+        scxtrimo.tl.annotate(query, model=loaded, freeze=1, epochs=50, batch_size=8, progress=False)
+    # labels of another type than the classifier's classes (here integer codes): every score would be 0
+    query.obs["code"] = query.obs["cell_type"].cat.codes
+    with pytest.warns(UserWarning, match="None of the labels"):
+        scxtrimo.tl.annotate(query, model=loaded, labels_key="code", progress=False)
+    assert query.uns["xtrimo"]["annotate"]["macro_f1"] == 0
     # the same cells sequenced twice as deep: normalization removes depth, predictions are identical
     deep = pbmc3k_session[:300].copy()
     deep.X = (deep.X * 2).tocsr()
-    scxtrimo.tl.annotate(deep, model=loaded, labels_key="cell_type", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # default arguments and matching labels: no warning
+        scxtrimo.tl.annotate(deep, model=loaded, labels_key="cell_type", progress=False)
     rep = deep.uns["xtrimo"]["annotate"]
     assert rep["mode"] == "predict" and deep.obsm["xtrimo_label_probabilities"].shape == (300, 8)
     np.testing.assert_array_equal(deep.obs["xtrimo_label"].astype(str).to_numpy(),
@@ -86,8 +111,9 @@ def test_fine_tuning_last_layer_updates_only_that_layer(pbmc3k, tiny_config):
     small = pbmc3k[:160].copy()
     small.obs.loc[small.obs_names[:10], "cell_type"] = np.nan
     with pytest.warns(UserWarning, match="no label"):
-        clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, freeze=1, epochs=1, batch_size=16,
-                                   warm_start=False, progress=False)
+        clf = scxtrimo.tl.annotate(small, labels_key="cell_type", model=base, freeze=np.int64(1), epochs=1,
+                                   batch_size=16, warm_start=False, progress=False)
+    assert type(clf.freeze) is int and clf.freeze == 1  # a NumPy integer is taken, stored as an int (JSON)
     assert small.uns["xtrimo"]["annotate"]["best_epoch"] == 1  # no probe to fall back to: the tuned epoch is kept
     before, after = base.state_dict(), clf.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -165,6 +191,7 @@ def test_without_validation_cells_the_trained_weights_are_kept(pbmc3k, tiny_conf
     assert rep["split_sizes"] == {"train": 4, "validation": 0, "test": 0}
     assert rep["best_epoch"] == 2 and len(rep["history"]) == 2  # not the untrained start, no early stop
     assert np.isnan(rep["test_macro_f1"]) and np.asarray(rep["confusion_matrix"]).sum() == 0
+    assert rep["per_class_f1"].empty
     before, after = base.state_dict(), clf.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -178,6 +205,17 @@ def test_bad_labels_are_reported(pbmc3k, tiny_config):
         scxtrimo.tl.annotate(small, labels_key="one", model=XTrimoGene(tiny_config), progress=False)
     with pytest.raises(ValueError, match="freeze"):
         scxtrimo.tl.annotate(small, labels_key="cell_type", model=XTrimoGene(tiny_config), freeze="half", progress=False)
+    # freeze is checked before the genes are aligned (mouse-cased symbols would fail the alignment)
+    mouse = small.copy()
+    mouse.var_names = [g.capitalize() for g in mouse.var_names]
+    with pytest.raises(ValueError, match="the encoder has 2 layers"):
+        scxtrimo.tl.annotate(mouse, labels_key="cell_type", model=XTrimoGene(tiny_config), freeze=np.int64(3), progress=False)
+    # predictions written over the labels they are trained on: refused before any work
+    before = small.obs.copy()
+    with pytest.raises(ValueError, match="overwrite the labels"):
+        scxtrimo.tl.annotate(small, labels_key="cell_type", key_added="cell_type", model=XTrimoGene(tiny_config),
+                             progress=False)
+    pd.testing.assert_frame_equal(small.obs, before)
 
 
 def test_linear_probe_reuses_stored_embedding(pbmc3k_session):
@@ -210,6 +248,39 @@ def test_linear_probe_reuses_stored_embedding(pbmc3k_session):
     # applying the probe to a query that carries the same checkpoint's embedding skips the encoder
     scxtrimo.tl.annotate(query, model=clf, use_rep="X_xtrimo", progress=False)
     np.testing.assert_allclose(query.obsm["xtrimo_label_probabilities"], adata.obsm["xtrimo_label_probabilities"], atol=1e-5)
+    # NaN or infinite embedding rows are refused, in training and in prediction, before anything is written
+    bad = pbmc3k_session[::6].copy()
+    bad.obsm["X_xtrimo"], bad.uns["xtrimo"] = adata.obsm["X_xtrimo"].copy(), {"params": dict(adata.uns["xtrimo"]["params"])}
+    bad.obsm["X_xtrimo"][:3] = np.nan
+    bad.obsm["X_xtrimo"][5, 0] = np.inf
+    for call in (lambda: scxtrimo.tl.annotate(bad, use_rep="X_xtrimo", **kw),
+                 lambda: scxtrimo.tl.annotate(bad, model=clf, use_rep="X_xtrimo", progress=False)):
+        with pytest.raises(ValueError, match="non-finite values in 4 cells"):
+            call()
+        assert "xtrimo_label" not in bad.obs and list(bad.uns["xtrimo"]) == ["params"]
+    assert torch.isfinite(clf.feature_mean).all()
+
+
+def test_per_class_f1_round_trips_and_is_nan_without_test_cells(pbmc3k, tiny_config, tmp_path):
+    """Class names with '/' survive write_h5ad; a class with no test cells has no F1 (NaN), not 0."""
+    small = pbmc3k[:150].copy()
+    small.obs["type"] = small.obs["cell_type"].astype(str).str.replace("CD4 T cells", "CD4+/CD45RA+ T")
+    small.obs.loc[small.obs_names[0], "type"] = "Rare"  # one cell: training only
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="cannot be split"):
+        scxtrimo.tl.annotate(small, labels_key="type", model=XTrimoGene(tiny_config), freeze="all", epochs=1,
+                             progress=False)
+    rep = small.uns["xtrimo"]["annotate"]
+    f1 = rep["per_class_f1"]["f1"]
+    assert list(f1.index) == rep["classes"] and "CD4+/CD45RA+ T" in f1.index
+    # NaN exactly for the classes too small to have test cells (Rare, and 2 dendritic cells among these 150)
+    assert "Rare" in rep["small_classes"] and set(f1.index[f1.isna()]) == set(rep["small_classes"])
+    assert f1.dropna().between(0, 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FutureWarning about '/' in keys
+        small.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad").uns["xtrimo"]["annotate"]["per_class_f1"]
+    pd.testing.assert_series_equal(back["f1"], f1)
 
 
 def test_default_freeze_is_the_linear_probe_on_cpu(pbmc3k, tiny_config):

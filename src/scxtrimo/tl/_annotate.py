@@ -7,6 +7,7 @@ trained on a stratified 8:1:1 split with early stopping on validation macro-F1.
 from __future__ import annotations
 
 import copy as _copy
+import inspect
 import json
 import os
 import warnings
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
 from .._oom import retry_on_oom
-from .._validation import check_positive
+from .._validation import check_embedding, check_positive
 from ..data._batching import TokenBudgetSplit, csr_row_batch, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
@@ -36,6 +37,7 @@ HEAD_FILE = "classifier.safetensors"
 CLASSES_FILE = "classes.json"
 WARM_START_EPOCHS = 40  # head-only epochs on frozen embeddings before fine-tuning (LP-FT)
 WARM_START_PATIENCE = 6
+TRAINING_ONLY = ("freeze", "epochs", "lr", "head_lr", "patience", "warm_start", "class_weight", "random_state")
 
 
 class CellTypeClassifier(nn.Module):
@@ -87,8 +89,17 @@ class CellTypeClassifier(nn.Module):
         self.feature_scale.copy_(e.std(0, correction=0).clamp(min=1e-6).float() if len(e) > 1 else torch.ones(e.shape[1]))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the backbone checkpoint plus ``classifier.safetensors`` and ``classes.json``."""
+        """Write the backbone checkpoint plus ``classifier.safetensors`` and ``classes.json`` into the folder ``path``.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` is an existing file (a classifier is a folder).
+        """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file; CellTypeClassifier.save writes a folder. Pass a new or existing "
+                                  "folder path.")
         self.backbone.save(path / "backbone")
         tensors = {**self.head.state_dict(), "feature_mean": self.feature_mean, "feature_scale": self.feature_scale}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / HEAD_FILE))
@@ -99,7 +110,13 @@ class CellTypeClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> CellTypeClassifier:
-        """Load a classifier written by :meth:`save`."""
+        """Load a classifier written by :meth:`save` onto ``device`` (``"auto"``: CUDA if available, else CPU).
+
+        Raises
+        ------
+        ValueError
+            If ``path`` is not a folder written by :meth:`save`, or CUDA is asked for but not available.
+        """
         path = Path(path)
         if not (path / CLASSES_FILE).is_file() or not (path / HEAD_FILE).is_file():
             raise ValueError(f"{path} is not a saved scxtrimo classifier (no {CLASSES_FILE} / {HEAD_FILE}).")
@@ -112,7 +129,7 @@ class CellTypeClassifier(nn.Module):
         clf.feature_scale.copy_(tensors.pop("feature_scale"))
         clf.head.load_state_dict(tensors, strict=True)
         clf.summary = meta.get("summary", {})
-        return clf.to(device).eval()
+        return clf.to(resolve_device(device)).eval()
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -159,14 +176,26 @@ def _stored_embedding(data, use_rep: str, backbone: XTrimoGene, pooling: str) ->
         raise ValueError(f"obsm[{use_rep!r}] was not made by tl.embed with checkpoint "
                          f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params'] "
                          f"says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
-    emb = np.asarray(data.obsm[use_rep], dtype=np.float32)
+    emb = check_embedding(data.obsm[use_rep], use_rep).astype(np.float32)
     width = backbone.embedding_width(pooling)
     if emb.shape != (data.n_obs, width):
         raise ValueError(f"obsm[{use_rep!r}] has shape {emb.shape}; expected ({data.n_obs}, {width}).")
     return emb
 
 
+def _check_freeze(freeze, n_layers: int):
+    """``freeze`` as ``"none"``, ``"all"`` or a Python int in ``[0, n_layers]``; ``ValueError`` otherwise."""
+    if isinstance(freeze, (int, np.integer)) and not isinstance(freeze, bool):
+        if not 0 <= freeze <= n_layers:
+            raise ValueError(f"freeze={freeze}: the encoder has {n_layers} layers.")
+        return int(freeze)
+    if not isinstance(freeze, str) or freeze not in ("none", "all"):
+        raise ValueError(f"freeze={freeze!r}: use 'auto', 'none' (fine-tune all), 'all' (linear probe) or an int k (last k layers).")
+    return freeze
+
+
 def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
+    """Make trainable what ``freeze`` (checked by :func:`_check_freeze`) says."""
     bb = clf.backbone
     for p in bb.parameters():
         p.requires_grad = False
@@ -175,16 +204,12 @@ def _set_trainable(clf: CellTypeClassifier, freeze) -> None:
             for p in module.parameters():
                 p.requires_grad = True
         bb.pad_token.requires_grad = True
-    elif isinstance(freeze, int) and not isinstance(freeze, bool):
-        if not 0 <= freeze <= len(bb.encoder.blocks):
-            raise ValueError(f"freeze={freeze}: the encoder has {len(bb.encoder.blocks)} layers.")
+    elif isinstance(freeze, int):
         for block in list(bb.encoder.blocks)[len(bb.encoder.blocks) - freeze :]:
             for p in block.parameters():
                 p.requires_grad = True
         for p in bb.encoder.norm.parameters():
             p.requires_grad = freeze > 0
-    elif freeze != "all":
-        raise ValueError(f"freeze={freeze!r}: use 'auto', 'none' (fine-tune all), 'all' (linear probe) or an int k (last k layers).")
 
 
 @torch.no_grad()
@@ -318,7 +343,7 @@ def annotate(
         the predictions are scored against it).
     freeze
         ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
-        an int ``k``: train only the last ``k`` encoder layers (and the head). ``"auto"``
+        an integer ``k`` (Python or NumPy): train only the last ``k`` encoder layers (and the head). ``"auto"``
         (default): ``"none"`` on CUDA, ``"all"`` on a CPU, where the probe takes a few minutes
         on pbmc3k and fine-tuning the last 2 layers about 10, to end within 0.005 macro-F1 of
         the probe on pbmc3k and on the two transfer tasks measured with the bundled checkpoint
@@ -381,7 +406,8 @@ def annotate(
         * ``obsm[key_added + '_probabilities']``: ``(n_obs, n_classes)`` float32; class names in
           ``uns['xtrimo']['annotate']['classes']``.
         * ``uns['xtrimo']['annotate']``: classes and, after training, test macro-F1, macro
-          precision, accuracy, per-class F1, confusion matrix (rows: true, columns: predicted,
+          precision, accuracy, per-class F1 (a DataFrame indexed by class name, column ``"f1"``;
+          NaN for a class with no test cells), confusion matrix (rows: true, columns: predicted,
           in ``classes`` order), split sizes, small classes, best epoch; when predicting with
           labels, the same scores on all labelled cells.
 
@@ -390,14 +416,27 @@ def annotate(
     ValueError
         No ``labels_key`` when training; fewer than two labelled classes; bad ``freeze``;
         ``epochs``, ``batch_size`` or ``patience`` not a positive integer, ``lr`` or ``head_lr``
-        not a positive number;
-        ``use_rep`` without ``freeze="all"`` or not made by ``tl.embed`` with this checkpoint and
-        pooling; an unknown ``pooling``, or one other than a trained classifier's; the
-        alignment/validation errors of :func:`scxtrimo.pp.align_genes` (e.g. too few matched
-        genes in a query); cells with no expressed reference gene.
+        not a positive number; ``key_added`` (or its ``_confidence`` column) equal to
+        ``labels_key``; ``model`` a folder written by :meth:`CellTypeClassifier.save` (load it
+        with :meth:`CellTypeClassifier.load` and pass the classifier);
+        ``use_rep`` without ``freeze="all"``, not made by ``tl.embed`` with this checkpoint and
+        pooling, or with NaN or infinite values; an unknown ``pooling``, or one other than a
+        trained classifier's; the alignment/validation errors of :func:`scxtrimo.pp.align_genes`
+        (e.g. too few matched genes in a query); cells with no expressed reference gene.
+    TypeError
+        ``obsm[use_rep]`` is a sparse matrix.
     KeyError
         ``labels_key`` not in ``obs``.
+
+    Warns
+    -----
+    UserWarning
+        Cells without a label, or classes too small to split (training); training arguments
+        (``freeze``, ``epochs``, ``lr``, ``head_lr``, ``patience``, ``warm_start``,
+        ``class_weight``, ``random_state``) given with a trained classifier, which only predicts;
+        scoring against labels none of which is one of the classifier's classes.
     """
+    passed = dict(locals())  # the arguments as given, for the predict-mode warning
     for name, value, integer in (("epochs", epochs, True), ("batch_size", batch_size, True),
                                  ("patience", patience, True), ("lr", lr, False), ("head_lr", head_lr, False)):
         check_positive(name, value, integer=integer)
@@ -405,8 +444,22 @@ def annotate(
     dev = resolve_device(device)
     if labels_key is not None and labels_key not in data.obs:
         raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
+    if labels_key is not None and labels_key in (key_added, f"{key_added}_confidence"):
+        raise ValueError(f"key_added={key_added!r} would overwrite the labels in obs[{labels_key!r}]; pass another "
+                         "key_added.")
+    saved = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    saved = saved.parent if saved is not None and saved.name in (CLASSES_FILE, HEAD_FILE) else saved
+    if saved is not None and (saved / CLASSES_FILE).is_file():
+        raise ValueError(f"{model} is a saved CellTypeClassifier, not a checkpoint to train; load it with "
+                         f"CellTypeClassifier.load({str(saved)!r}) and pass the result as model=.")
 
     if isinstance(model, CellTypeClassifier):
+        defaults = inspect.signature(annotate).parameters
+        ignored = [k for k in TRAINING_ONLY if passed[k] != defaults[k].default]
+        if ignored:
+            warnings.warn(f"model= is a trained classifier, so annotate only predicts: {', '.join(ignored)} "
+                          "(training arguments) are ignored. Pass a checkpoint as model= to train.",
+                          UserWarning, stacklevel=2)
         if pooling is not None and pooling != model.pooling:
             raise ValueError(f"This classifier was trained with pooling={model.pooling!r}; drop pooling={pooling!r} "
                              "(a trained classifier keeps its pooling).")
@@ -426,7 +479,13 @@ def annotate(
         if labels_key is not None:
             lab = data.obs[labels_key]
             ok = lab.notna().to_numpy()
-            report.update(_scores(lab.to_numpy()[ok].astype(str), proba[ok], clf.classes))
+            y = lab.to_numpy()[ok].astype(str)
+            if len(y) and not np.isin(y, clf.classes).any():
+                warnings.warn(f"None of the labels in obs[{labels_key!r}] (e.g. {sorted(set(y))[:3]}) is one of the "
+                              f"classifier's classes (e.g. {clf.classes[:3]}), so every score is 0. Labels are compared "
+                              "as strings: pass labels of the type it was trained on (e.g. not ints for float "
+                              "labels).", UserWarning, stacklevel=2)
+            report.update(_scores(y, proba[ok], clf.classes))
         _write(data, clf, proba, key_added, report)
         return clf
 
@@ -463,7 +522,8 @@ def annotate(
     torch.manual_seed(random_state)
     backbone = _copy.deepcopy(resolve_model(model, torch.device("cpu"))) if isinstance(model, XTrimoGene) else resolve_model(model, torch.device("cpu"))
     pooling = backbone.default_pooling if pooling is None else pooling
-    check_pooling(pooling, backbone.config)  # before the gene alignment, so a bad pooling fails at once
+    check_pooling(pooling, backbone.config)  # before the gene alignment, so a bad pooling or freeze fails at once
+    freeze = _check_freeze(freeze, len(backbone.encoder.blocks))
     budget = token_budget(dev, max_tokens, config=backbone.config)
     X, prep = _collect(data, gene_symbols, backbone)
     clf = CellTypeClassifier(backbone, classes, freeze, pooling=pooling).to(dev)
@@ -543,8 +603,9 @@ def annotate(
         "classes": classes,
         "mode": "train",
         **{f"test_{k}": v for k, v in _scores(y_test, proba[test], classes).items()},
-        "per_class_f1": ({c: float(f) for c, f in zip(classes, metrics.f1_score(y_test, pred_test, labels=classes, average=None, zero_division=0))}
-                         if len(test) else {}),
+        "per_class_f1": {c: float(f) if c in y_test else float("nan")  # NaN: no test cells of that class
+                         for c, f in zip(classes, metrics.f1_score(y_test, pred_test, labels=classes, average=None, zero_division=0))}
+                        if len(test) else {},
         "confusion_matrix": (metrics.confusion_matrix(y_test, pred_test, labels=classes) if len(test)
                              else np.zeros((len(classes), len(classes)), dtype=np.int64)).tolist(),
         "split_sizes": {k: int(len(v)) for k, v in split.items()},
@@ -572,7 +633,10 @@ def _write(data, clf: CellTypeClassifier, proba: np.ndarray, key_added: str, rep
     entry["history"] = pd.DataFrame(entry["history"]) if "history" in entry else None
     if entry["history"] is None:
         entry.pop("history")
-    entry["per_class_f1"] = entry.get("per_class_f1") or {}
+    # a DataFrame, not a dict: class names such as "CD4+/CD45RA+" would become nested groups in .h5ad
+    per_class = entry.get("per_class_f1") or {}
+    entry["per_class_f1"] = pd.DataFrame({"f1": np.array(list(per_class.values()), dtype=np.float64)},
+                                         index=pd.Index(list(per_class), name="class", dtype=object))
     if "confusion_matrix" in entry:
         entry["confusion_matrix"] = np.asarray(entry["confusion_matrix"], dtype=np.int64)
     xtrimo_uns(data)["annotate"] = entry
