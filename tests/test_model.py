@@ -163,3 +163,19 @@ def test_cell_expression_head_dot_readout_uses_the_cell_embedding_itself(tiny_co
         torch.testing.assert_close(head(cells, genes, target), 2 * genes[[3, 4]] @ cells[1])
     with pytest.raises(ValueError, match="readout must be one of"):
         CellExpressionHead(d, n, readout="mlp")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("enc_heads", 0, "enc_heads must be a positive integer"),  # was a ZeroDivisionError
+    ("dec_dim", 128.0, "dec_dim must be a positive integer"),
+    ("enc_depth", -1, "enc_depth must be a positive integer"),
+    ("n_bins", 0, "n_bins must be a positive integer"),
+    ("nb_features", 0, "nb_features must be a positive integer"),
+    ("dropout", 1.0, "dropout must be a number in \\[0, 1\\)"),
+    ("autobin_alpha", float("nan"), "autobin_alpha must be a positive number"),
+])
+def test_impossible_configurations_are_refused(field, value, message):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CONFIGS["xtrimo-3m"], **{field: value})

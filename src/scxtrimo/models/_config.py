@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from .._reference import N_GENES
+from .._validation import check_positive
 
 ACTIVATIONS = ("gelu", "relu")
 KEY_MAX = ("head", "cell")
@@ -93,6 +94,14 @@ class XTrimoGeneConfig:
     decoder_zero_mass: int | None = None
 
     def __post_init__(self):
+        for field in ("n_genes", "enc_depth", "enc_heads", "enc_dim", "enc_ff_mult", "dec_depth", "dec_heads",
+                      "dec_dim", "dec_ff_mult", "n_bins"):
+            check_positive(field, getattr(self, field), integer=True)
+        for field in ("nb_features", "dec_dim_head"):
+            check_positive(field, getattr(self, field), integer=True, optional=True)
+        check_positive("autobin_alpha", self.autobin_alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         for prefix in ("enc", "dec"):
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
             if dim % heads:
