@@ -117,3 +117,60 @@ def test_evaluate_clustering_refuses_too_few_neighbours(cells, n_neighbors):
         with pytest.raises(ValueError, match="n_neighbors must be an integer of at least 2"):
             scxtrimo.tl.evaluate_clustering(adata, labels_key="cell_type", use_rep="X_test", n_neighbors=n_neighbors)
     assert _state(adata) == before
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lr": 0}, "lr must be a positive number"),  # AdamW at rate 0 returned the untrained model
+    ({"grad_clip": 0}, "grad_clip must be a positive number"),  # clipped every gradient to zero
+    ({"grad_clip": -1.0}, "grad_clip must be a positive number"),  # flipped the gradients: ascent
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+    ({"warmup_steps": 2.5}, "warmup_steps must be an integer >= 0"),
+    ({"eval_cells": 0}, "eval_cells must be a positive integer"),  # an all-NaN validation history
+    ({"min_genes": 0}, "min_genes must be a positive integer"),
+    ({"min_genes": 2.5}, "min_genes must be a positive integer"),
+    ({"random_state": -1}, "random_state must be an integer >= 0"),  # numpy's "expected non-negative integer"
+    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+])
+def test_pretrain_refuses_settings_that_train_nothing_or_wrongly(cells, tmp_path, kwargs, message):
+    seen = []
+    with pytest.raises(ValueError, match=message):
+        scxtrimo.tl.pretrain(cells, max_steps=1, eval_every=0, progress=False, callback=seen.append,
+                             save_dir=tmp_path / "run", **{"batch_size": 4, "eval_cells": 4, **kwargs})
+    assert seen == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"nonzero_ratio": 0.0}, "nonzero_ratio must be a number in \\(0, 1\\]"),
+    ({"nonzero_ratio": 1.5}, "nonzero_ratio must be a number in \\(0, 1\\]"),
+    ({"p_mask": -0.1}, "p_mask must be a number in \\[0, 1\\]"),
+    ({"p_mask": 0.8, "p_random": 0.3}, "p_mask \\+ p_random must be at most 1"),
+    ({"zero_to_nonzero": -1.0}, "zero_to_nonzero must be a number >= 0"),
+    ({"max_visible": 0}, "max_visible must be a positive integer"),
+])
+def test_masking_config_refuses_impossible_ratios(kwargs, message):
+    from scxtrimo.data import MaskingConfig
+
+    with pytest.raises(ValueError, match=f"MaskingConfig.{message}"):
+        MaskingConfig(**kwargs)
+
+
+def test_masking_config_accepts_the_edges():
+    from scxtrimo.data import MaskingConfig
+
+    assert MaskingConfig(nonzero_ratio=1.0, p_mask=0.9, p_random=0.1, zero_to_nonzero=0.0).p_mask == 0.9
+    assert MaskingConfig(p_mask=0.0, p_random=0.0, max_visible=5).max_visible == 5
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"p_thin": -0.1}, "p_thin must be a number in \\[0, 1\\]"),
+    ({"p_thin": 1.2}, "p_thin must be a number in \\[0, 1\\]"),
+    ({"min_fraction": 0.0}, "min_fraction must be a number in \\(0, 1\\]"),
+    ({"min_fraction": -0.5}, "min_fraction must be a number in \\(0, 1\\]"),
+    ({"min_fraction": 1.5}, "min_fraction must be a number in \\(0, 1\\]"),
+])
+def test_thinning_config_refuses_impossible_values(kwargs, message):
+    from scxtrimo.data import ThinningConfig
+
+    with pytest.raises(ValueError, match=f"ThinningConfig.{message}"):
+        ThinningConfig(**kwargs)
+    assert ThinningConfig(p_thin=0.0, min_fraction=1.0).p_thin == 0.0  # the edges are allowed

@@ -256,3 +256,77 @@ def test_param_groups_give_the_head_its_own_rate(tiny_config):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())) + len(list(head.parameters()))
     assert groups[2]["params"] == [model.gene_embedding.weight]
+
+
+def test_pack_corpus_checks_its_inputs_before_packing(pretrain_files, tmp_path, capsys):
+    """No input, the same file twice, two files of one name, a bad preset or min_genes: refused
+    before any file is packed (progress prints one line per packed file)."""
+    import shutil
+
+    a, b = pretrain_files
+    twin = tmp_path / "other" / a.name
+    twin.parent.mkdir()
+    shutil.copy(a, twin)
+    out = tmp_path / "c.xtc"
+    for paths, kwargs, message in (
+        ([], {}, "no input data"),
+        ([a, b, a.parent / "." / a.name], {}, "is given twice"),
+        ([a, twin], {}, "share the name 'a'"),
+        ([a], {"preset": 12}, "preset must be an integer from 0 to 9"),
+        ([a], {"min_genes": 0}, "min_genes must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pack_corpus(paths, out, **kwargs)
+        assert capsys.readouterr().out == "" and not out.exists()
+
+
+def test_pack_corpus_takes_one_path(pretrain_files, tmp_path):
+    info = pack_corpus(str(pretrain_files[0]), tmp_path / "one.xtc", progress=False)
+    c = load_corpus(tmp_path / "one.xtc")
+    assert c.sources == ["a"] and info["cells"] == len(c) == len(c.rows(source="a")) > 0
+
+
+def test_pack_corpus_checks_the_output_first_and_leaves_no_temporary_file(pretrain_files, tmp_path, capsys,
+                                                                          monkeypatch):
+    import scxtrimo.data._corpus as corpus_module
+
+    with pytest.raises(FileNotFoundError, match="the folder of the output"):
+        pack_corpus(pretrain_files, tmp_path / "missing" / "c.xtc")
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        pack_corpus(pretrain_files, folder)
+    assert capsys.readouterr().out == ""  # nothing was packed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(corpus_module.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        pack_corpus(pretrain_files, tmp_path / "c.xtc", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # the temporary file is gone
+
+
+def test_pack_corpus_warns_about_a_labels_key_no_input_has(pretrain_files, tmp_path):
+    with pytest.warns(UserWarning, match="labels_key 'nope' is a column of no input's obs"):
+        pack_corpus(pretrain_files, tmp_path / "c.xtc", labels_key="nope", progress=False)
+    assert (load_corpus(tmp_path / "c.xtc").label == -1).all()
+
+
+def test_cli_corpus_errors_are_one_line_and_come_before_packing(pretrain_files, tmp_path, capsys):
+    from scxtrimo.cli import main
+
+    csv = tmp_path / "counts.csv"
+    csv.write_text("gene,cell1\nCD3E,4\n")
+    (tmp_path / "taken").mkdir()
+    for argv, message in (
+        ([str(tmp_path / "o.xtc"), str(csv)], f"could not read {str(csv)!r} as an .h5ad file"),
+        ([str(tmp_path / "no" / "o.xtc"), *map(str, pretrain_files)], "the folder of the output"),
+        ([str(tmp_path / "taken"), *map(str, pretrain_files)], "is a folder"),
+    ):
+        assert main(["corpus", *argv]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.csv", "taken"]

@@ -156,3 +156,34 @@ def test_cell_level_term_arguments_are_checked(pbmc3k, tiny_config):
                        ({"gene_lr_scale": -0.5}, "gene_lr_scale must be >= 0")):
         with pytest.raises(ValueError, match=match):
             scxtrimo.tl.pretrain(small, **kw, **bad)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_pretrain_checks_save_dir_before_training(pbmc3k, tiny_config, tmp_path, below):
+    """A save_dir that is a file (or lies inside one) failed with FileExistsError only after training."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    seen = []
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        scxtrimo.tl.pretrain(pbmc3k[:40].copy(), config=tiny_config, max_steps=1, batch_size=4, eval_every=0,
+                             eval_cells=4, progress=False, callback=seen.append,
+                             save_dir=blocker / "run" if below else blocker)
+    assert seen == [] and blocker.read_text() == "not a folder"
+
+
+def test_pretrain_refuses_no_input_a_file_given_twice_and_a_file_that_is_not_h5ad(pretrain_files, tiny_config,
+                                                                                    tmp_path):
+    kw = dict(config=tiny_config, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False)
+    with pytest.raises(ValueError, match="no input data"):
+        scxtrimo.tl.pretrain([], **kw)
+    a, b = pretrain_files
+    same = a.parent / "." / a.name  # the same file under another spelling
+    for streaming in (None, False):  # streamed and in memory
+        with pytest.raises(ValueError, match="is given twice"):
+            scxtrimo.tl.pretrain([a, b, str(same)], streaming=streaming, **kw)
+    csv = tmp_path / "counts.csv"
+    csv.write_text("gene,cell1\nCD3E,4\n")
+    with pytest.raises(ValueError, match=f"could not read {str(csv)!r} as an .h5ad file"):
+        scxtrimo.tl.pretrain([a, csv], **kw)
+    with pytest.raises(FileNotFoundError, match="missing.h5ad' does not exist"):
+        scxtrimo.tl.pretrain([a, tmp_path / "missing.h5ad"], **kw)

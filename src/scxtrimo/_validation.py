@@ -77,3 +77,11 @@ def check_embedding(emb, key: str) -> np.ndarray:
         raise ValueError(f"obsm[{key!r}] has non-finite values in {int(bad.sum())} cells; recompute the "
                          "embedding, or drop those cells first.")
     return emb
+
+
+def check_count(name: str, value, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer >= 0 (or ``None`` if ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0{' (or None)' if optional else ''}, got {value!r}.")

@@ -9,9 +9,12 @@ embed|pretrain ...`` (sharded embedding, see :func:`scxtrimo.tl.embed`; data-par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
+from functools import partial
 from pathlib import Path
 
 
@@ -19,26 +22,17 @@ def _read_h5ad(path):
     """``anndata.read_h5ad``, with an error that names the file when it is not an .h5ad file."""
     import anndata as ad
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"input {str(path)!r} does not exist (or is not a file).")
-    try:
-        return ad.read_h5ad(path)
-    except OSError as err:
-        raise ValueError(f"could not read {str(path)!r} as an .h5ad file ({err}). Convert it first, e.g. "
-                         "with scanpy.read_10x_h5 / read_10x_mtx / read_loom and .write_h5ad().") from err
+    from ._paths import check_h5ad_files
 
-
-def _check_writable(path) -> None:
-    """Refuse an output path whose folder does not exist, before any work is done."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the folder of the output {str(path)!r} does not exist; create {str(folder)!r} first.")
+    check_h5ad_files(path)
+    return ad.read_h5ad(path)
 
 
 def _embed(args) -> int:
     from . import tl
+    from ._paths import check_output_file, write_h5ad_atomic
 
-    _check_writable(args.output)
+    check_output_file(args.output)
     adata = _read_h5ad(args.input)
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
@@ -47,7 +41,7 @@ def _embed(args) -> int:
     dt = time.perf_counter() - t
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
         return 0
-    adata.write_h5ad(args.output, compression="gzip")
+    write_h5ad_atomic(adata, args.output, compression="gzip")  # OUT may be IN
     print(f"embedded {adata.n_obs} cells into obsm[{args.key_added!r}] "
           f"({adata.obsm[args.key_added].shape[1]} dims) in {dt:.1f} s -> {args.output}")
     return 0
@@ -62,7 +56,9 @@ def _demo(args) -> int:
 
     from . import datasets, pl, tl
     from .tl._clustering import pca_baseline
+    from ._paths import check_output_dir
 
+    check_output_dir(args.out_dir)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc3k()
@@ -108,48 +104,131 @@ def read_run_config(path: str | Path) -> dict:
     """Read a pretraining run file: YAML (``.yaml``/``.yml``) or JSON, a mapping whose keys are
     :func:`scxtrimo.tl.pretrain` keyword names plus ``data`` (a path or a list of paths).
 
-    ``config`` may be a configuration name or a mapping of
-    :class:`~scxtrimo.models.XTrimoGeneConfig` fields; ``masking`` and ``thinning`` mappings of
+    Values are checked against ``tl.pretrain``'s annotations before any data is read. A string
+    that reads as a number is taken as one where a number is expected: PyYAML (YAML 1.1) reads
+    ``1e-4`` (no dot) as a string. ``config`` may be a configuration name or a mapping of
+    :class:`~scxtrimo.models.XTrimoGeneConfig` fields that override a preset: the preset its
+    ``name`` names, else ``"xtrimo-3m"``. The result is named after the preset and the fields
+    that differ from it (``{dropout: 0.1}``: ``"xtrimo-3m+dropout=0.1"``), or keeps a ``name``
+    that is not a preset's. ``masking`` and ``thinning`` are mappings of
     :class:`~scxtrimo.data.MaskingConfig` and :class:`~scxtrimo.data.ThinningConfig` fields.
+
+    Returns
+    -------
+    dict
+        ``tl.pretrain`` keyword arguments (``config``, ``masking``, ``thinning`` as objects) and ``data``.
 
     Raises
     ------
     ValueError
-        The file is not a mapping, or has keys that are not ``tl.pretrain`` parameters.
+        The file is not valid YAML / JSON or not a mapping; keys that are not ``tl.pretrain``
+        parameters; a value of the wrong type (the error names the key); a ``config``,
+        ``masking`` or ``thinning`` mapping with unknown or invalid fields.
     """
     import inspect
     import json
 
+    import yaml
+
     from . import tl
+    from .data import MaskingConfig, ThinningConfig
 
     path = Path(path)
     text = path.read_text()
-    if path.suffix.lower() == ".json":
-        raw = json.loads(text)
-    else:
-        import yaml
-
-        raw = yaml.safe_load(text)
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a mapping of tl.pretrain keyword names to values.")
     known = set(inspect.signature(tl.pretrain).parameters) - {"model", "callback", "progress"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the tl.pretrain parameters {sorted(known)}.")
-    return raw
+    hints = typing.get_type_hints(tl.pretrain)
+    kw = {key: _run_value(path, key, value, hints.get(key, object)) for key, value in raw.items()}
+    data = kw.get("data", [])  # or from --data
+    if not (isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)):
+        raise ValueError(f"{path}: `data` must be an .h5ad path or a list of them, got {data!r}.")
+    if "config" in kw and not isinstance(kw["config"], str):
+        kw["config"] = _run_model_config(path, kw["config"])
+    for key, cls in (("masking", MaskingConfig), ("thinning", ThinningConfig)):
+        if kw.get(key) is not None:
+            kw[key] = _run_build(path, key, kw[key], partial(cls, **_run_fields(path, key, cls, kw[key])))
+    return kw
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", os.PathLike: "a path",
+          type(None): "null"}
+
+
+def _run_value(path, key: str, value, hint):
+    """A run-file value as its annotation ``hint`` asks (int, float, bool, str, or these or ``None``).
+
+    Other annotations (``data``, ``config``, ``masking``, ``thinning``) are checked by the caller.
+    """
+    kinds = set(typing.get_args(hint)) or {hint}
+    if not kinds <= set(_KINDS):
+        return value
+    if (value is None and type(None) in kinds or isinstance(value, bool) and bool in kinds
+            or isinstance(value, str) and kinds & {str, os.PathLike}):
+        return value
+    if kinds & {int, float} and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if float in kinds and number is not None:
+            return number
+        if int in kinds and number is not None and float(number).is_integer():
+            return int(number)
+    wanted = " or ".join(_KINDS[k] for k in _KINDS if k in kinds)
+    raise ValueError(f"{path}: `{key}` must be {wanted}, got {value!r}.")
+
+
+def _run_fields(path, key: str, cls, value) -> dict:
+    """The fields of a run-file mapping for the dataclass ``cls``, each as its annotation asks."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: `{key}` must be a mapping of {cls.__name__} fields, got {value!r}.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: `{key}` has unknown fields {unknown}; {cls.__name__} has {names}.")
+    hints = typing.get_type_hints(cls)
+    return {name: _run_value(path, f"{key}.{name}", v, hints[name]) for name, v in value.items()}
+
+
+def _run_build(path, key: str, value, build):
+    """``build()``, with its errors naming the run file, the key and its ``value``."""
+    try:
+        return build()
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"{path}: `{key}` {value} is not valid: {err}") from None
+
+
+def _run_model_config(path, value):
+    """A ``config:`` mapping as a model configuration: a preset with the mapping's fields in place."""
+    from .models._config import CONFIGS, XTrimoGeneConfig
+
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: `config` must be a configuration name or a mapping of XTrimoGeneConfig fields, "
+                         f"got {value!r}.")
+    fields = _run_fields(path, "config", XTrimoGeneConfig, value)
+    name = fields.get("name", "xtrimo-3m")
+    base = CONFIGS.get(name, CONFIGS["xtrimo-3m"])
+    changed = [f"{k}={v}" for k, v in fields.items() if k != "name" and getattr(base, k) != v]
+    if name in CONFIGS and changed:  # the preset's name alone would misdescribe the model
+        fields["name"] = f"{name}+{','.join(changed)}"
+    # dataclasses.replace checks the result as XTrimoGeneConfig(...) would (e.g. enc_heads=0: modulo by zero)
+    return _run_build(path, "config", value, partial(dataclasses.replace, base, **fields))
 
 
 def _pretrain_kwargs(raw: dict) -> dict:
-    from .data import MaskingConfig, ThinningConfig
-    from .models import XTrimoGeneConfig
-
     kw = dict(raw)
-    if isinstance(kw.get("config"), dict):
-        kw["config"] = XTrimoGeneConfig.from_dict(kw["config"])
-    if isinstance(kw.get("masking"), dict):
-        kw["masking"] = MaskingConfig(**kw["masking"])
-    if isinstance(kw.get("thinning"), dict):
-        kw["thinning"] = ThinningConfig(**kw["thinning"])
     if isinstance(kw.get("data"), (str, Path)):
         kw["data"] = [kw["data"]]
     return kw
@@ -318,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
         print(f"scxtrimo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,12 +26,16 @@ from __future__ import annotations
 import io
 import lzma
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from .._paths import check_h5ad_files, check_output_file
+from .._validation import check_positive
 
 FORMAT = 1
 MIN_GENES = 201  # paper appendix 1: cells with more than 200 expressed genes
@@ -130,9 +134,9 @@ def _delta_decode(indptr: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return (csum - np.maximum.accumulate(base)).astype(np.int32)
 
 
-def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, min_genes: int = MIN_GENES,
-                labels_key: str = "cell_type", random_state: int = 0, preset: int = 6,
-                progress: bool = True) -> dict:
+def pack_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                min_genes: int = MIN_GENES, labels_key: str | None = "cell_type", random_state: int = 0,
+                preset: int = 6, progress: bool = True) -> dict:
     """Pack the cells of ``.h5ad`` files into one compact corpus file.
 
     Each file is read in backed mode, block by block; genes are mapped onto the 19,264
@@ -143,13 +147,16 @@ def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     Parameters
     ----------
     paths
-        ``.h5ad`` files of single-cell counts (gene symbols as ``var_names``).
+        ``.h5ad`` files of single-cell counts (gene symbols as ``var_names``), or one such file.
+        Each file once; their names (without ``.h5ad``) name the data sets, so they must differ.
     out
-        The file to write (``.xtc`` by convention); written atomically.
+        The file to write (``.xtc`` by convention); written atomically (a failed call leaves no
+        file behind). Its folder must exist.
     min_genes
         Keep cells with at least this many expressed reference genes.
     labels_key
-        ``obs`` column stored as each cell's label where a file has it.
+        ``obs`` column stored as each cell's label where a file has it (files without it are
+        unlabelled, ``-1``; a ``UserWarning`` when no file has it). ``None``: no labels.
     random_state
         Seeds the 96:2:2 split (a hash of file stem and cell name).
     preset
@@ -165,20 +172,38 @@ def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     Raises
     ------
     ValueError
-        No cell passes QC; the alignment and validation errors of
+        No input; a file given twice or two files of the same name; an input that is not an
+        ``.h5ad`` (HDF5) file; ``min_genes`` not a positive integer; ``preset`` not an integer
+        from 0 to 9; no cell passes QC; the alignment and validation errors of
         :func:`scxtrimo.pp.align_genes` (e.g. too few genes match).
+    FileNotFoundError
+        An input does not exist, or the folder of ``out`` does not.
+    IsADirectoryError
+        ``out`` is a folder.
     """
     import anndata as ad
 
     from ._prepare import counts_rows, prepare_input
 
+    paths = check_h5ad_files(paths)
+    stems = [p.stem for p in paths]
+    twin = next((stem for stem in stems if stems.count(stem) > 1), None)
+    if twin is not None:
+        raise ValueError(f"inputs {[str(p) for p in paths if p.stem == twin]} share the name {twin!r}, which names "
+                         "their data set in the corpus (Corpus.sources, rows(source=...)) and seeds its split; "
+                         "rename the files apart.")
+    check_positive("min_genes", min_genes, integer=True)
+    if not isinstance(preset, (int, np.integer)) or isinstance(preset, bool) or not 0 <= preset <= 9:
+        raise ValueError(f"preset must be an integer from 0 to 9 (the lzma compression preset), got {preset!r}.")
+    check_output_file(out)
     blocks, totals, sources, labels, label_names, names, splits = [], [], [], [], [], [], []
+    labelled = False
     for i, path in enumerate(paths):
-        path = Path(path)
         adata = ad.read_h5ad(path, backed="r")
         try:
             prep = prepare_input(adata)
             lab = adata.obs[labels_key].astype(str).to_numpy() if labels_key in adata.obs else None
+            labelled = labelled or lab is not None
             for start in range(0, adata.n_obs, prep.block_cells()):
                 stop = min(start + prep.block_cells(), adata.n_obs)
                 C = counts_rows(prep, start, stop)
@@ -207,6 +232,9 @@ def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
             adata.file.close()
         if progress:
             print(f"{path.stem}: {sum(len(s) for s in sources if s.size and s[0] == i)} cells kept", flush=True)
+    if labels_key is not None and not labelled:
+        warnings.warn(f"labels_key {labels_key!r} is a column of no input's obs, so the corpus has no labels; "
+                      "pass the right column (or labels_key=None).", UserWarning, stacklevel=2)
     X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
     if X.shape[0] == 0:
         raise ValueError(f"No cell has at least {min_genes} expressed reference genes; nothing to pack.")
@@ -217,7 +245,7 @@ def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
         "counts": np.minimum(X.data, np.iinfo(np.uint16).max).astype(np.uint16),
         "total": np.concatenate(totals),
         "source": np.concatenate(sources),
-        "sources": np.asarray([Path(p).stem for p in paths]),
+        "sources": np.asarray(stems),
         "label": np.concatenate(labels),
         "label_names": np.asarray(label_names if label_names else [""]),
         "obs_names": np.concatenate(names),
@@ -228,8 +256,12 @@ def pack_corpus(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
     np.savez(buf, **arrays)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(lzma.compress(buf.getvalue(), preset=preset))
-    os.replace(tmp, out)
+    try:
+        tmp.write_bytes(lzma.compress(buf.getvalue(), preset=int(preset)))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     corpus = _from_arrays(arrays)
     return {"cells": len(corpus), "nnz": int(X.nnz), "bytes": out.stat().st_size, "n_clipped": n_clipped,
             "sources": corpus.describe()}

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ._masking import _M32, _keyed_hash, _uniform
+from ._masking import _M32, _keyed_hash, _uniform, check_fraction
 
 TARGET_SUM = 1e4
 #: ``tl.embed``'s target-depth modes (the authors' "t", "f" and "a" options).
@@ -47,7 +47,8 @@ class ThinningConfig:
     Raises
     ------
     ValueError
-        ``capture_sd`` negative or not finite (efficiencies above 1 cannot be thinned to).
+        ``capture_sd`` negative or not finite (efficiencies above 1 cannot be thinned to);
+        ``p_thin`` outside ``[0, 1]``; ``min_fraction`` outside ``(0, 1]``.
     """
 
     p_thin: float = 0.5
@@ -56,6 +57,8 @@ class ThinningConfig:
     capture_sd: float = 0.0
 
     def __post_init__(self):
+        check_fraction("ThinningConfig.p_thin", self.p_thin)
+        check_fraction("ThinningConfig.min_fraction", self.min_fraction, zero=False)
         if not (np.isfinite(self.capture_sd) and self.capture_sd >= 0):
             raise ValueError(f"ThinningConfig.capture_sd must be a finite number >= 0 (0: off), got {self.capture_sd!r}.")
 

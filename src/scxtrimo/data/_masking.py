@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
+
+from .._validation import check_positive
+
+
+def check_fraction(name: str, value, *, zero: bool = True) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in ``[0, 1]`` (``(0, 1]`` without ``zero``)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and (0 <= value if zero else 0 < value) and value <= 1
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'[' if zero else '('}0, 1], got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,13 @@ class MaskingConfig:
     encoder's work on deep cells: when more expressed genes than that would stay visible, the
     surplus (drawn among all visible genes, random-value ones included) also becomes [MASK]
     targets, so the encoder sees at most ``max_visible`` genes.
+
+    Raises
+    ------
+    ValueError
+        ``nonzero_ratio`` outside ``(0, 1]``; ``p_mask`` or ``p_random`` outside ``[0, 1]``, or
+        their sum above 1; ``zero_to_nonzero`` negative or not finite; ``max_visible`` not a
+        positive integer or ``None``.
     """
 
     nonzero_ratio: float = 0.3
@@ -29,6 +47,18 @@ class MaskingConfig:
     p_mask: float = 0.8
     p_random: float = 0.1
     max_visible: int | None = None
+
+    def __post_init__(self):
+        check_fraction("MaskingConfig.nonzero_ratio", self.nonzero_ratio, zero=False)
+        check_fraction("MaskingConfig.p_mask", self.p_mask)
+        check_fraction("MaskingConfig.p_random", self.p_random)
+        if self.p_mask + self.p_random > 1 + 1e-9:
+            raise ValueError(f"MaskingConfig.p_mask + p_random must be at most 1 (the rest of the chosen positions "
+                             f"keep their value), got {self.p_mask} + {self.p_random}.")
+        if not (isinstance(self.zero_to_nonzero, Real) and math.isfinite(self.zero_to_nonzero)
+                and self.zero_to_nonzero >= 0):
+            raise ValueError(f"MaskingConfig.zero_to_nonzero must be a number >= 0, got {self.zero_to_nonzero!r}.")
+        check_positive("MaskingConfig.max_visible", self.max_visible, integer=True, optional=True)
 
 
 @dataclass

@@ -27,15 +27,16 @@ from .._device import autocast
 from .._inference import resolve_model
 from .._oom import retry_on_oom
 from .._train_corpus import gene_table_training, param_groups
-from .._validation import check_positive
+from .._validation import check_count, check_positive
 from .._version import __version__
+from .._paths import check_h5ad_files, check_output_dir
 from ..data._depth import ThinningConfig
 from ..data._masking import MaskingConfig, cell_keys, keyed_uniform
 from ..data._objective import counts_to_device, evaluate_masked, lr_factor, masked_sse, training_batch
 from ..data._prepare import counts_rows, prepare_input
 from ..data._stream import BLOCK_CELLS, H5adCorpus, MemoryBatches, StreamBatches
 from ..pp._normalize import log1p_normalize
-from ..models._config import XTrimoGeneConfig
+from ..models._config import XTrimoGeneConfig, get_config
 from ..models._gene_init import init_gene_embedding
 from ..models._xtrimogene import XTrimoGene
 from . import _distributed as D
@@ -125,24 +126,28 @@ def _check_gene_init(gene_init: str, use_stream: bool, given_model: bool) -> Non
         )
 
 
-def _check_args(*, batch_size, grad_accum_steps, world_size, save_every, eval_every, block_cells, save_dir):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be at least 1, got {grad_accum_steps}.")
+def _check_args(*, batch_size, grad_accum_steps, world_size, save_every, eval_every, block_cells, save_dir, lr,
+                grad_clip, warmup_steps, eval_cells, min_genes, random_state):
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("grad_accum_steps", grad_accum_steps, integer=True)
     if batch_size < world_size * grad_accum_steps:
         raise ValueError(
             f"batch_size={batch_size} (the global batch) is smaller than world size {world_size} x "
             f"grad_accum_steps={grad_accum_steps}: every rank needs at least one cell per micro-batch."
         )
-    if save_every is not None and save_every < 1:
-        raise ValueError(f"save_every must be a positive number of steps or None, got {save_every}.")
+    check_positive("save_every", save_every, integer=True, optional=True)
     if save_every is not None and save_dir is None:
         raise ValueError("save_every needs save_dir: the folder the training state is written to.")
-    if eval_every is not None and eval_every < 0:
-        raise ValueError(f"eval_every must be >= 0, got {eval_every}.")
-    if block_cells < 1:
-        raise ValueError(f"block_cells must be at least 1, got {block_cells}.")
+    check_count("eval_every", eval_every, optional=True)
+    check_positive("block_cells", block_cells, integer=True)
+    check_positive("lr", lr)
+    check_positive("grad_clip", grad_clip)  # 0 would zero every gradient, a negative one flip it into ascent
+    check_count("warmup_steps", warmup_steps, optional=True)
+    check_positive("eval_cells", eval_cells, integer=True)
+    check_positive("min_genes", min_genes, integer=True)
+    check_count("random_state", random_state)
+    if save_dir is not None:
+        check_output_dir(save_dir)
 
 
 def pretrain(
@@ -231,7 +236,7 @@ def pretrain(
     ----------
     data
         AnnData (raw counts, or prepared with :func:`scxtrimo.pp.normalize`), MuData (its RNA
-        modality), a path to an ``.h5ad`` file, or a list of these. Not modified.
+        modality), a path to an ``.h5ad`` file, or a list of these (each file once). Not modified.
     config
         Architecture for a new model: ``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"`` or a
         :class:`~scxtrimo.models.XTrimoGeneConfig`. Ignored when ``model`` is given.
@@ -249,8 +254,9 @@ def pretrain(
     batch_size
         Cells per optimizer step: the **global** batch, over all ranks and micro-batches.
     lr, weight_decay, warmup_steps, grad_clip
-        AdamW settings (the authors': lr 1e-4, no weight decay, clipping at 1.0). Warm-up
-        defaults to 5% of the planned steps, at most 1,000.
+        AdamW settings (the authors': lr 1e-4, no weight decay, clipping the gradient norm at
+        1.0; ``lr`` and ``grad_clip`` must be positive). Warm-up defaults to 5% of the planned
+        steps, at most 1,000.
     masking
         Masking ratios, :class:`~scxtrimo.data.MaskingConfig`.
     eval_every, eval_cells
@@ -267,7 +273,8 @@ def pretrain(
     random_state
         Seeds the split, the initialization, the batch order and the masks.
     save_dir
-        Folder for the model files, ``history.csv`` and ``train_state.pt`` (rank 0 writes).
+        Folder for the model files, ``history.csv`` and ``train_state.pt`` (rank 0 writes;
+        created if missing, refused before training if it is a file).
     progress
         Show a progress bar (rank 0 only).
     grad_accum_steps
@@ -364,8 +371,12 @@ def pretrain(
     Raises
     ------
     ValueError
-        No cell passes QC; fewer training cells than ``batch_size``; ``epochs`` or ``max_time``
-        not a positive number, ``max_steps`` not a positive integer; an unknown ``strategy``,
+        No input (``data=[]``); an input file given twice, or one that is not ``.h5ad`` (HDF5);
+        no cell passes QC; fewer training cells than ``batch_size``; ``epochs``, ``max_time``,
+        ``lr`` or ``grad_clip`` not a positive number; ``max_steps``, ``batch_size``,
+        ``eval_cells``, ``min_genes``, ``grad_accum_steps``, ``block_cells`` or ``save_every``
+        not a positive integer; ``warmup_steps``, ``eval_every`` or ``random_state`` not an
+        integer >= 0; an unknown ``config`` name; an unknown ``strategy``,
         ``gene_init`` or ``cell_readout``; a negative ``gene_lr_scale``, ``cell_weight`` or
         ``factor_weight``; ``cell_weight > 0`` with a trained gene table under FSDP on several
         processes; ``gene_init="coexpression"`` with streamed input or with ``model``;
@@ -375,6 +386,10 @@ def pretrain(
         differ from the saved run's; the alignment and validation errors of
         :func:`scxtrimo.pp.align_genes`; the errors of :func:`scxtrimo.models.load` for a
         ``model`` name or folder that is not a valid checkpoint.
+    FileNotFoundError
+        An input path that does not exist.
+    NotADirectoryError
+        ``save_dir`` is a file, or lies inside one (checked before training).
     RuntimeError
         ``strategy="fsdp"`` on a device / backend where torch refuses FSDP.
     """
@@ -385,6 +400,13 @@ def pretrain(
     resume = bool(resume) or resume_from is not None
     masking = masking or MaskingConfig()
     items = _as_list(data)
+    if not items:
+        raise ValueError("no input data: data is empty; pass an AnnData, a MuData, an .h5ad path or a list of them.")
+    paths = [item for item in items if isinstance(item, (str, os.PathLike))]
+    if paths:
+        check_h5ad_files(paths)
+    if model is None:
+        get_config(config)  # an unknown name fails here, not after the data are read
     use_stream = _use_streaming(items, streaming)
     _check_gene_init(gene_init, use_stream, model is not None)
     terms = CellTermsConfig(float(cell_weight), cell_readout, float(factor_weight))
@@ -393,7 +415,9 @@ def pretrain(
     ctx, dev = D.init_distributed(device)
     try:
         _check_args(batch_size=batch_size, grad_accum_steps=grad_accum_steps, world_size=ctx.world_size,
-                    save_every=save_every, eval_every=eval_every, block_cells=block_cells, save_dir=save_dir)
+                    save_every=save_every, eval_every=eval_every, block_cells=block_cells, save_dir=save_dir, lr=lr,
+                    grad_clip=grad_clip, warmup_steps=warmup_steps, eval_cells=eval_cells, min_genes=min_genes,
+                    random_state=random_state)
         state = load_train_state(state_path(resume_from, save_dir)) if resume else None
         result = _train(
             items, use_stream=use_stream, ctx=ctx, dev=dev, state=state, config=config, model=model, epochs=epochs,
