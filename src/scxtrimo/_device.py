@@ -13,11 +13,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     Raises
     ------
     ValueError
-        If CUDA is asked for but not available.
+        If CUDA is asked for but not available, or ``device`` is not a device name torch knows.
     """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device torch knows; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but this torch has no CUDA device; use device='cpu' or 'auto'.")
     return dev

@@ -30,6 +30,11 @@ def check_finite_nonnegative(X, *, what: str = "adata.X") -> None:
         )
     if values.min() < 0:
         n_neg = int((values < 0).sum())
+        if np.issubdtype(values.dtype, np.signedinteger) and values.dtype.itemsize < 4:
+            raise ValueError(
+                f"{what} is {values.dtype} and has {n_neg} negative values: counts too large for {values.dtype} "
+                "overflow and wrap round to negative numbers. Store counts as float32 or int32."
+            )
         raise ValueError(
             f"{what} has {n_neg} negative values (minimum {values.min():.3g}): it looks scaled or "
             "batch-corrected. scxtrimo needs raw counts (or library-size normalized values); pass "

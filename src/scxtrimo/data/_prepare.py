@@ -16,12 +16,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._reference import reference_genes
-from .._validation import check_finite_nonnegative
+from .._validation import check_finite_nonnegative, is_integer_valued, matrix_values
 from ..pp._align import GeneMapping, align_matrix, gene_mapping, warn_duplicates
 from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
 from ._depth import append_depth, target_depth
 
 BLOCK_CELLS = 10_000
+TARGET_SUM = 1e4  # the model's input: log1p of counts per 10,000
+_CHECK_ROWS = 2_000  # cells whose totals are checked before X is taken as the model's input
 DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, float32) stays under this
 
 
@@ -59,14 +61,37 @@ def _is_aligned(adata: ad.AnnData) -> bool:
     return adata.n_vars == len(ref) and bool((adata.var_names == ref).all())
 
 
+def _holds_log1p_cp10k(adata: ad.AnnData) -> bool:
+    """Whether ``X`` of data marked by :func:`scxtrimo.pp.normalize` is log1p CP10k as the model takes it:
+    the marker's ``target_sum`` is 10,000 and the first cells' ``expm1`` totals are 10,000.
+
+    Not so after ``normalize(target_sum=None)`` (the median total) or when ``X`` was replaced since;
+    such data are then read like any other (``layers['counts']`` first).
+    """
+    target = adata.uns["xtrimo"]["normalize"].get("target_sum")
+    if target is None or not np.isclose(float(target), TARGET_SUM):
+        return False
+    X = adata.X[: min(_CHECK_ROWS, adata.n_obs)]
+    if X is None:
+        return False
+    X = sp.csr_matrix(X, dtype=np.float64)
+    if X.nnz and (not np.isfinite(X.data).all() or X.data.max() > 20):
+        return False
+    sums = np.asarray(X.expm1().sum(axis=1)).ravel()
+    sums = sums[np.diff(X.indptr) > 0]
+    return bool(np.allclose(sums, TARGET_SUM, rtol=1e-2))
+
+
 def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> PreparedInput:
     """Decide how to read ``adata``; raises the alignment/validation errors up front."""
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no cells (n_obs == 0).")
     aligned = _is_aligned(adata) and gene_symbols is None
-    if aligned and is_xtrimo_normalized(adata):
+    if aligned and is_xtrimo_normalized(adata) and _holds_log1p_cp10k(adata):
         return PreparedInput(adata, "X", None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
     source = "layers['counts']" if "counts" in adata.layers else "X"
+    if source == "X" and adata.X is None:
+        raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X.")
     mapping = None
     n_matched = len(reference_genes())
     if not aligned:
@@ -81,6 +106,20 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
     what = "adata.X" if source == "X" else "adata.layers['counts']"
     _, kind = to_counts(first, uns=adata.uns, what=what)
     return PreparedInput(adata, source, mapping, kind, n_matched)
+
+
+def _check_same_kind(block, prep: PreparedInput, start: int, stop: int, what: str) -> None:
+    """``ValueError`` if rows ``[start, stop)`` are not of the kind detected on the first cells
+    (integer counts against log1p or normalized values): they would be read as the wrong kind."""
+    if start == 0:
+        return
+    integer = is_integer_valued(block)
+    if integer == (prep.kind == "counts") or matrix_values(block).size == 0:
+        return
+    this = "raw counts" if integer else "not raw counts"
+    raise ValueError(f"cells {start}-{stop - 1} of {what} are {this}, but the first cells are {prep.kind} "
+                     "(the kind is detected on the first cells and applies to all). Store one kind of value "
+                     "for every cell, e.g. the raw counts.")
 
 
 def counts_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
@@ -113,6 +152,7 @@ def counts_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
         out.eliminate_zeros()
         return out
     block = prep.matrix()[start:stop]
+    _check_same_kind(block, prep, start, stop, what)
     if prep.mapping is not None:
         block = align_matrix(block, prep.mapping, len(reference_genes()))
     with warnings.catch_warnings():
@@ -141,6 +181,7 @@ def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
         block = prep.matrix()[start:stop]
         check_finite_nonnegative(block, what=what)
         out = sp.csr_matrix(block, dtype=np.float32)
+        out.sum_duplicates()  # a gene stored twice is one token with the summed value
         out.eliminate_zeros()
         out.sort_indices()
         return out

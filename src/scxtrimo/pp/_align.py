@@ -88,6 +88,28 @@ def _as_symbols(values: Iterable[Any]) -> pd.Index:
     return pd.Index(s.astype(str).to_numpy(), dtype=object)
 
 
+#: Warn when at least this many (and this share of) input names match only after stripping spaces or changing case.
+_NEAR_MISS_MIN = 20
+_NEAR_MISS_FRACTION = 0.01
+
+
+def _near_misses(unmatched: pd.Index, ref: pd.Index) -> list[tuple[str, str]]:
+    """``(name, reference symbol)`` for unmatched names that match once stripped of surrounding
+    spaces and compared without case (reference symbols that differ only in case are skipped)."""
+    folded = pd.Series(ref, index=ref.str.upper())
+    folded = folded[~folded.index.duplicated(keep=False)]
+    keys = pd.Index([u.strip().upper() for u in unmatched])
+    pos = folded.index.get_indexer(keys)
+    return [(str(unmatched[i]), str(folded.iloc[p])) for i, p in enumerate(pos) if p >= 0 and unmatched[i]]
+
+
+def _near_miss_hint(fixable: list[tuple[str, str]]) -> str:
+    examples = ", ".join(f"{a!r} -> {b!r}" for a, b in fixable[:3])
+    return (f"{len(fixable)} gene names match a reference symbol only without surrounding spaces or another case "
+            f"(e.g. {examples}): clean `adata.var_names` (e.g. `.str.strip()`), or for mouse genes map them to "
+            "human orthologs")
+
+
 def _symbol_columns(var: pd.DataFrame | None, gene_list: pd.Index) -> list[str]:
     """Columns of ``var`` whose values look like reference symbols, best match first."""
     if var is None:
@@ -187,6 +209,7 @@ def gene_mapping(
     unmatched = names[~hit]
     unmatched_examples = [str(u) for u in unmatched[:10]]
 
+    fixable = _near_misses(unmatched, ref)
     too_few = n_matched < _MIN_REFERENCE_FRACTION * len(ref)
     if too_few and n_matched < _PANEL_INPUT_FRACTION * n_input:
         nonempty = [u for u in unmatched if u]
@@ -199,6 +222,8 @@ def gene_mapping(
                 "of them match once upper-cased. xTrimoGene is a human model: map mouse genes to "
                 "their human orthologs (e.g. with biomaRt or pybiomart) before aligning"
             )
+        elif len(fixable) > n_matched:
+            causes.append(_near_miss_hint(fixable))
         columns = _symbol_columns(var, ref)
         if columns:
             causes.append(
@@ -215,6 +240,9 @@ def gene_mapping(
             f"names (at least {int(np.ceil(_MIN_REFERENCE_FRACTION * len(ref)))} are needed). "
             f"Unmatched examples: {unmatched_examples}. Likely cause: " + "; ".join(causes) + "."
         )
+    elif len(fixable) >= max(_NEAR_MISS_MIN, _NEAR_MISS_FRACTION * n_input):
+        warnings.warn(_near_miss_hint(fixable) + "; they are left out until the names are fixed.", UserWarning,
+                      stacklevel=3)
     if too_few:
         warnings.warn(
             f"Only {n_matched} of the {len(ref)} reference genes are measured ({n_matched} of "

@@ -231,6 +231,8 @@ def to_counts(
     """
     if kind is not None and kind not in INPUT_KINDS:
         raise ValueError(f"kind must be one of {INPUT_KINDS} or None, got {kind!r}.")
+    if np.issubdtype(X.dtype, np.signedinteger):  # before float32 hides it: negative values from an overflow
+        check_finite_nonnegative(X, what=what)
     if sp.issparse(X):
         Xc = sp.csr_matrix(X, dtype=np.float32, copy=True)
     else:

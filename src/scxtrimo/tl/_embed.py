@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
+from .._validation import check_positive
 from .._inference import (  # noqa: F401  (re-exported: the inference loop lived here)
     BATCH_CELLS, MAX_TOKENS, RowSink, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, run_rows,
     token_budget,
@@ -21,19 +22,34 @@ from ..data._prepare import check_no_empty_cells, prepare_input
 from ..models._xtrimogene import POOLINGS, XTrimoGene, check_pooling
 from ._distributed import DistContext, init_distributed
 
+def check_key_added(key_added) -> None:
+    """``ValueError`` unless ``key_added`` is a non-empty string (an ``obsm`` / ``uns`` key that ``write_h5ad`` takes)."""
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+
+
 def depth_options(adata, *, target_depth: float, target_depth_mode: str, total_counts_key: str | None):
     """Check the depth-token arguments of :func:`embed`; return the obs totals (or None)."""
     if target_depth_mode not in DEPTH_MODES:
         raise ValueError(f"Unknown target_depth_mode {target_depth_mode!r}; choose one of {DEPTH_MODES}.")
-    if not np.isfinite(target_depth):
-        raise ValueError(f"target_depth must be a finite number, got {target_depth!r}.")
+    if target_depth_mode == "offset":  # T = S + value: any finite shift
+        if isinstance(target_depth, bool) or not isinstance(target_depth, (int, float, np.number)) \
+                or not np.isfinite(target_depth):
+            raise ValueError(f"target_depth must be a finite number with target_depth_mode='offset', got {target_depth!r}.")
+    else:  # T = value, or log10(total * value): a non-positive one leaves the T token out without a word
+        try:
+            check_positive("target_depth", target_depth)
+        except ValueError:
+            raise ValueError(f"target_depth must be a positive number with target_depth_mode={target_depth_mode!r} "
+                             f"(4: 10,000 reads), got {target_depth!r}.") from None
     if total_counts_key is None:
         return None
     if total_counts_key not in adata.obs:
         raise KeyError(f"total_counts_key={total_counts_key!r} is not a column of adata.obs.")
     totals = np.asarray(adata.obs[total_counts_key], dtype=np.float64)
-    if not np.all(np.isfinite(totals)) or np.any(totals < 0):
-        raise ValueError(f"obs[{total_counts_key!r}] must hold finite, non-negative total counts.")
+    if not np.all(np.isfinite(totals)) or np.any(totals <= 1):
+        raise ValueError(f"obs[{total_counts_key!r}] must hold finite total counts above 1 (S = log10(total) is "
+                         f"a token only when positive); its minimum is {np.nanmin(totals) if totals.size else None}.")
     return totals
 
 
@@ -194,17 +210,28 @@ def embed(
         (filter them with ``sc.pp.filter_cells``); unknown ``pooling``, or ``"all"`` for a model
         without depth tokens or for cells with a total count of at most 1; an unknown
         ``target_depth_mode`` or ``bulk``; ``bulk`` with ``total_counts_key``; ``batch_size``
-        or ``max_tokens`` not a positive integer; a checkpoint that does not load. ``adata`` is
-        unchanged when anything fails. A gene symbol in several columns is summed, with a
-        ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`).
+        or ``max_tokens`` not a positive integer; ``target_depth`` not a positive number
+        (any finite number with ``target_depth_mode='offset'``); ``obs[total_counts_key]``
+        totals of at most 1; ``key_added`` not a non-empty string; ``copy=True`` for a backed
+        AnnData; cells after the first block whose values are of another kind (counts against
+        log1p or normalized values) than the first cells'; a checkpoint that does not load.
+        ``adata`` is unchanged when anything fails. A gene symbol in several columns is summed,
+        with a ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`), as are gene names that
+        match only without surrounding spaces or in another case (they are left out). Data
+        marked by :func:`scxtrimo.pp.normalize` are taken as the model's input only if
+        normalized to 10,000 and still holding those values; otherwise their counts are read.
     KeyError
         ``total_counts_key`` is not a column of ``obs``; ``gene_symbols`` is not a column of
         ``var``.
     """
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
+    check_key_added(key_added)
     check_bulk(bulk, total_counts_key)
     data0 = rna_modality(adata)
+    if copy and data0.isbacked:
+        raise ValueError("copy=True of a backed AnnData needs a file name (anndata), which embed cannot take: use "
+                         "copy=False (the embedding is kept in memory, in adata.obsm), or `adata.to_memory()` first.")
     totals = depth_options(data0, target_depth=target_depth, target_depth_mode=target_depth_mode,
                            total_counts_key=total_counts_key)
     target = adata.copy() if copy else adata

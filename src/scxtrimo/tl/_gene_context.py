@@ -22,7 +22,7 @@ from ..data._prepare import check_no_empty_cells, prepare_input
 from ..models._io import load
 from ..models._xtrimogene import XTrimoGene
 from ..data._bulk import bulk_median, check_bulk, model_input_blocks, quiet_input_detection
-from ._embed import depth_options, input_params
+from ._embed import check_key_added, depth_options, input_params
 
 #: Default cells per decoder pass, by device type (every pass runs over all 19,266 positions).
 GENE_BATCH = {"cpu": 1, "cuda": 4}
@@ -181,6 +181,7 @@ def gene_embed(
     """
     check_bulk(bulk, total_counts_key)
     check_positive("batch_size", batch_size, integer=True, optional=True)
+    check_key_added(key_added)
     if key_added == UNS_KEY:
         raise ValueError(f"key_added={key_added!r} would replace uns[{UNS_KEY!r}], where scxtrimo records its "
                          "parameters; choose another key (default 'X_xtrimo_gene').")
