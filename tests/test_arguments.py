@@ -174,3 +174,50 @@ def test_thinning_config_refuses_impossible_values(kwargs, message):
     with pytest.raises(ValueError, match=f"ThinningConfig.{message}"):
         ThinningConfig(**kwargs)
     assert ThinningConfig(p_thin=0.0, min_fraction=1.0).p_thin == 0.0  # the edges are allowed
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"decoder_zeros": -50}, ValueError, "decoder_zeros must be a positive integer"),  # 21 targets never decoded
+    ({"decoder_zeros": 2.5}, ValueError, "decoder_zeros must be a positive integer"),
+    ({"cell_weight": float("inf")}, ValueError, "cell_weight must be a finite number >= 0"),  # a model of NaN
+    ({"factor_weight": float("inf")}, ValueError, "factor_weight must be a finite number >= 0"),
+    ({"thinning": 0.5}, TypeError, "thinning must be a ThinningConfig"),
+    ({"masking": {"p_mask": 0.5}}, TypeError, "masking must be a MaskingConfig"),
+    ({"config": {"enc_dim": 64}}, TypeError, "config must be a configuration name or an XTrimoGeneConfig"),
+])
+def test_pretrain_refuses_wrong_settings_before_training(cells, kwargs, error, message):
+    seen = []
+    with pytest.raises(error, match=message):
+        scxtrimo.tl.pretrain(cells, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False,
+                             callback=seen.append, **kwargs)
+    assert seen == []
+
+
+def test_pretrain_points_a_packed_corpus_to_its_trainer(tmp_path):
+    corpus = tmp_path / "c.xtc"
+    corpus.write_bytes(b"\xfd7zXZ\x00 not really")
+    with pytest.raises(ValueError, match="scripts/train_device.py"):
+        scxtrimo.tl.pretrain(str(corpus), max_steps=1, progress=False)
+
+
+def test_low_level_helpers_refuse_inputs_they_would_misread(cells):
+    import scipy.sparse as sp
+    import torch
+
+    from scxtrimo.data import MaskingConfig, csr_row_batch
+    from scxtrimo.data._masking import mask_values_keyed
+    from scxtrimo.models import init_gene_embedding
+    from scxtrimo.models import XTrimoGene
+
+    X = sp.random(4, 10, density=0.5, format="csc", random_state=0, dtype=np.float32)
+    with pytest.raises(TypeError, match="CSR"):
+        csr_row_batch(X, np.arange(4))  # column pointers were read as rows
+    values = torch.rand(3, 20)
+    with pytest.raises(TypeError, match="integer keys"):
+        mask_values_keyed(values, MaskingConfig(), keys=torch.rand(3))  # every key became 0: one mask for all
+    aligned = scxtrimo.pp.align_genes(cells)
+    scxtrimo.pp.normalize(aligned)
+    model = XTrimoGene("xtrimo-3m")
+    for kwargs in ({"std": 0.0}, {"std": -1.0}, {"value_scale": float("nan")}):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            init_gene_embedding(model, aligned.X, **kwargs)

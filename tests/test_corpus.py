@@ -221,7 +221,7 @@ def test_an_extra_term_is_recorded_and_reaches_the_encoder(packed, tiny_config, 
     assert set(extra.state_dict()) == set(plain.state_dict())
     w0, w1 = plain.encoder.blocks[0].qkv.weight.detach(), extra.encoder.blocks[0].qkv.weight.detach()
     assert float((w1 - w0).abs().max()) > 1e-6
-    with pytest.raises(ValueError, match=f"{term} must be >= 0"):
+    with pytest.raises(ValueError, match=f"{term} must be (a finite number )?>= 0"):
         train_corpus(plain, corpus, CorpusTrainConfig(**{term: -1.0}), device=torch.device("cpu"), log=lambda m: None)
 
 
@@ -330,3 +330,11 @@ def test_cli_corpus_errors_are_one_line_and_come_before_packing(pretrain_files, 
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1
         assert captured.out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.csv", "taken"]
+
+
+def test_rows_names_an_unknown_split_part(packed):
+    folder, *_ = packed
+    c = load_corpus(folder / "c.xtc")
+    assert len(c.rows("validation")) > 0
+    with pytest.raises(ValueError, match="split part 'training'.*'train', 'validation', 'test'"):
+        c.rows("training")

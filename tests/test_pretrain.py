@@ -150,8 +150,8 @@ def test_cell_level_terms_keep_a_frozen_gene_table_and_report_their_losses(pbmc3
 def test_cell_level_term_arguments_are_checked(pbmc3k, tiny_config):
     small = pbmc3k[:40].copy()
     kw = dict(config=tiny_config, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False)
-    for bad, match in (({"cell_weight": -1}, "cell_weight must be >= 0"),
-                       ({"factor_weight": float("nan")}, "factor_weight must be >= 0"),
+    for bad, match in (({"cell_weight": -1}, "cell_weight must be a finite number >= 0"),
+                       ({"factor_weight": float("nan")}, "factor_weight must be a finite number >= 0"),
                        ({"cell_weight": 1, "cell_readout": "mlp"}, "cell_readout must be one of"),
                        ({"gene_lr_scale": -0.5}, "gene_lr_scale must be >= 0")):
         with pytest.raises(ValueError, match=match):

@@ -184,3 +184,36 @@ def test_a_run_with_cell_level_terms_resumes_where_it_stopped(pbmc3k, tiny_confi
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
     cols = ["train_mse", "train_cell_mse", "train_factor_mse", "val_mse"]
     np.testing.assert_allclose(hist[cols].to_numpy(), hist_full[cols].to_numpy(), rtol=1e-5)
+
+
+def test_resume_refuses_other_cells_with_the_same_shape(pbmc3k, pretrain_files, tiny_config, tmp_path):
+    """The saved state identified in-memory data by cell count and stored values, files by name and
+    row count: the same cells shuffled, counts changed, or a file replaced by other cells under the
+    same name resumed silently, on another split."""
+    small = pbmc3k[:60].copy()
+    kw = dict(config=tiny_config, max_steps=2, batch_size=4, eval_every=0, eval_cells=4, progress=False,
+              save_every=1, device="cpu")
+    scxtrimo.tl.pretrain(small, save_dir=tmp_path / "mem", **kw)
+    shuffled = small[np.random.default_rng(0).permutation(60)].copy()
+    more = small.copy()
+    more.X = more.X.copy()
+    more.X.data += 1
+    for other in (shuffled, more):
+        with pytest.raises(ValueError, match="settings differ.*data"):
+            scxtrimo.tl.pretrain(other, save_dir=tmp_path / "mem", resume=True, **kw)
+    model, _ = scxtrimo.tl.pretrain(small, save_dir=tmp_path / "mem", resume=True, **kw)  # the same cells resume
+    assert model.metadata["steps"] == 2
+
+    a, _ = pretrain_files
+    copy = tmp_path / "files" / a.name
+    copy.parent.mkdir()
+    copy.write_bytes(a.read_bytes())
+    skw = kw | dict(block_cells=32, streaming=True)
+    scxtrimo.tl.pretrain([copy], save_dir=tmp_path / "stream", **skw)
+    import anndata as ad
+
+    old = ad.read_h5ad(copy)
+    other = pbmc3k[1000 : 1000 + old.n_obs].copy()  # other cells, the same count, the same file name
+    other.write_h5ad(copy)
+    with pytest.raises(ValueError, match="settings differ.*data"):
+        scxtrimo.tl.pretrain([copy], save_dir=tmp_path / "stream", resume=True, **skw)

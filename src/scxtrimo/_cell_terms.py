@@ -49,10 +49,10 @@ class CellTermsConfig:
     factor_weight: float = 0.0
 
     def __post_init__(self):
-        if not self.cell_weight >= 0:
-            raise ValueError(f"cell_weight must be >= 0 (0: masked regression alone); got {self.cell_weight}.")
-        if not self.factor_weight >= 0:
-            raise ValueError(f"factor_weight must be >= 0 (0: no factor-score term); got {self.factor_weight}.")
+        if not 0 <= self.cell_weight < float("inf"):
+            raise ValueError(f"cell_weight must be a finite number >= 0 (0: masked regression alone); got {self.cell_weight}.")
+        if not 0 <= self.factor_weight < float("inf"):
+            raise ValueError(f"factor_weight must be a finite number >= 0 (0: no factor-score term); got {self.factor_weight}.")
         if self.cell_readout not in READOUTS:
             raise ValueError(f"cell_readout must be one of {READOUTS}; got {self.cell_readout!r}.")
 

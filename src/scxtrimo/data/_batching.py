@@ -38,7 +38,15 @@ def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray) -> TokenBatch:
 
     ``X`` must be CSR with sorted indices, explicit zeros removed; each row's genes stay in
     reference order.
+
+    Raises
+    ------
+    TypeError
+        ``X`` is not CSR (a CSC matrix's column pointers would be read as rows).
     """
+    if getattr(X, "format", None) != "csr":
+        raise TypeError(f"X must be a CSR matrix (scipy.sparse.csr_matrix), got {type(X).__name__}"
+                        f"{' in ' + X.format + ' format' if hasattr(X, 'format') else ''}; convert it with .tocsr().")
     indptr = X.indptr
     starts = indptr[rows].astype(np.int64)
     lengths = (indptr[rows + 1] - indptr[rows]).astype(np.int64)

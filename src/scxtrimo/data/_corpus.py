@@ -68,6 +68,8 @@ class Corpus:
         """Indices of the cells of a split part (``"train"``, ...) and/or of one data set."""
         keep = np.ones(len(self), dtype=bool)
         if part is not None:
+            if part not in SPLIT_NAMES:
+                raise ValueError(f"No split part {part!r}; the parts are {', '.join(map(repr, SPLIT_NAMES))}.")
             keep &= self.split == SPLIT_NAMES.index(part)
         if source is not None:
             if source not in self.sources:

@@ -242,6 +242,9 @@ def mask_values_keyed(values: torch.Tensor, config: MaskingConfig = MaskingConfi
     b, n = values.shape
     if keys.shape != (b,):
         raise ValueError(f"keys must have shape ({b},), got {tuple(keys.shape)}.")
+    if keys.dtype.is_floating_point or keys.dtype == torch.bool:
+        raise TypeError(f"keys must be integer keys (int64, e.g. from cell_keys), got {keys.dtype}: floats in [0, 1) "
+                        "would all become key 0, one mask for every cell.")
     keys = keys.to(device=values.device, dtype=torch.int64) & _M32
     nonzero = values != 0
     n_nonzero = nonzero.sum(1)

@@ -187,6 +187,13 @@ class H5adCorpus:
         """``(file name, n_obs)`` per file: identifies the corpus in a training state."""
         return [(p.name, n) for p, n in zip(self.paths, self.n_obs)]
 
+    def names(self) -> Iterator[str]:
+        """Each file's cell and gene names, joined (what :func:`~scxtrimo.tl._checkpoint.fingerprint`
+        identifies the corpus by in a training state, beside :meth:`describe`)."""
+        for a in self._adatas:
+            yield "\n".join(map(str, a.obs_names))
+            yield "\n".join(map(str, a.var_names))
+
     def _read(self, f: int, start: int, stop: int, buffered: int = 0) -> CellBlock:
         self._hold(buffered + (stop - start))
         X = counts_rows(self._preps[f], start, stop)

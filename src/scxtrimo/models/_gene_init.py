@@ -15,6 +15,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import LinearOperator, svds
 
+from .._validation import check_positive
+
 MIN_CELLS = 10
 EMBEDDING_STD = 0.5
 
@@ -117,6 +119,8 @@ def init_gene_embedding(model, X, *, std: float = EMBEDDING_STD, value_scale: fl
     int
         Number of gene rows set.
     """
+    check_positive("std", std)
+    check_positive("value_scale", value_scale)
     n_genes = model.config.n_genes
     if X.shape[1] != n_genes:
         raise ValueError(f"X has {X.shape[1]} genes; the model's gene embedding has {n_genes} (align to the reference genes first).")

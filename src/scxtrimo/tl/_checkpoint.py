@@ -8,14 +8,35 @@ resume must match.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TRAIN_STATE = "train_state.pt"
 STATE_FORMAT = 1
+
+
+def fingerprint(parts: Iterable) -> str:
+    """A short digest of arrays (their bytes, dtype and shape) and strings, in order.
+
+    Part of a run's signature, so that a resume on other cells of the same count (shuffled,
+    changed, or another file under the same name) is refused instead of continuing on another
+    split.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, str):
+            h.update(b"s" + part.encode())
+        else:
+            a = np.ascontiguousarray(part)
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

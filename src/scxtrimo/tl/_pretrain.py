@@ -40,7 +40,7 @@ from ..models._config import XTrimoGeneConfig, get_config
 from ..models._gene_init import init_gene_embedding
 from ..models._xtrimogene import XTrimoGene
 from . import _distributed as D
-from ._checkpoint import atomic_write_bytes, check_signature, load_train_state, save_train_state, state_path
+from ._checkpoint import atomic_write_bytes, check_signature, fingerprint, load_train_state, save_train_state, state_path
 
 MIN_GENES = 201  # appendix 1: keep cells with more than 200 expressed genes
 SPLIT = (0.96, 0.02, 0.02)
@@ -127,7 +127,7 @@ def _check_gene_init(gene_init: str, use_stream: bool, given_model: bool) -> Non
 
 
 def _check_args(*, batch_size, grad_accum_steps, world_size, save_every, eval_every, block_cells, save_dir, lr,
-                grad_clip, warmup_steps, eval_cells, min_genes, random_state):
+                grad_clip, warmup_steps, eval_cells, min_genes, random_state, decoder_zeros):
     check_positive("batch_size", batch_size, integer=True)
     check_positive("grad_accum_steps", grad_accum_steps, integer=True)
     if batch_size < world_size * grad_accum_steps:
@@ -144,6 +144,7 @@ def _check_args(*, batch_size, grad_accum_steps, world_size, save_every, eval_ev
     check_positive("grad_clip", grad_clip)  # 0 would zero every gradient, a negative one flip it into ascent
     check_count("warmup_steps", warmup_steps, optional=True)
     check_positive("eval_cells", eval_cells, integer=True)
+    check_positive("decoder_zeros", decoder_zeros, integer=True, optional=True)
     check_positive("min_genes", min_genes, integer=True)
     check_count("random_state", random_state)
     if save_dir is not None:
@@ -371,7 +372,9 @@ def pretrain(
     Raises
     ------
     ValueError
-        No input (``data=[]``); an input file given twice, or one that is not ``.h5ad`` (HDF5);
+        No input (``data=[]``); an input file given twice, or one that is not ``.h5ad`` (HDF5; a
+        packed ``.xtc`` corpus is pointed to ``scripts/train_device.py``); ``decoder_zeros`` not a
+        positive integer; ``cell_weight`` or ``factor_weight`` not finite;
         no cell passes QC; fewer training cells than ``batch_size``; ``epochs``, ``max_time``,
         ``lr`` or ``grad_clip`` not a positive number; ``max_steps``, ``batch_size``,
         ``eval_cells``, ``min_genes``, ``grad_accum_steps``, ``block_cells`` or ``save_every``
@@ -386,6 +389,10 @@ def pretrain(
         differ from the saved run's; the alignment and validation errors of
         :func:`scxtrimo.pp.align_genes`; the errors of :func:`scxtrimo.models.load` for a
         ``model`` name or folder that is not a valid checkpoint.
+    TypeError
+        ``masking`` not a :class:`~scxtrimo.data.MaskingConfig`, ``thinning`` not a
+        :class:`~scxtrimo.data.ThinningConfig`, ``config`` neither a name nor an
+        :class:`~scxtrimo.models.XTrimoGeneConfig`.
     FileNotFoundError
         An input path that does not exist.
     NotADirectoryError
@@ -403,9 +410,22 @@ def pretrain(
     if not items:
         raise ValueError("no input data: data is empty; pass an AnnData, a MuData, an .h5ad path or a list of them.")
     paths = [item for item in items if isinstance(item, (str, os.PathLike))]
+    packed = [str(p) for p in paths if Path(p).suffix == ".xtc"]
+    if packed:
+        raise ValueError(f"{packed[0]} is a packed corpus (scxtrimo corpus / data.pack_corpus); tl.pretrain reads "
+                         ".h5ad files. Train from the corpus with `python scripts/train_device.py train --corpus "
+                         f"{packed[0]} ...`, or pass the .h5ad files it was packed from.")
     if paths:
         check_h5ad_files(paths)
+    if not isinstance(masking, MaskingConfig):
+        raise TypeError(f"masking must be a MaskingConfig, got {masking!r}; e.g. scxtrimo.data.MaskingConfig(p_mask=0.8).")
+    if thinning is not None and not isinstance(thinning, ThinningConfig):
+        raise TypeError(f"thinning must be a ThinningConfig or None, got {thinning!r}; e.g. "
+                        "scxtrimo.data.ThinningConfig(p_thin=0.5).")
     if model is None:
+        if not isinstance(config, (str, XTrimoGeneConfig)):
+            raise TypeError(f"config must be a configuration name or an XTrimoGeneConfig, got {type(config).__name__}; "
+                            "e.g. XTrimoGeneConfig.from_dict(mapping).")
         get_config(config)  # an unknown name fails here, not after the data are read
     use_stream = _use_streaming(items, streaming)
     _check_gene_init(gene_init, use_stream, model is not None)
@@ -417,7 +437,7 @@ def pretrain(
         _check_args(batch_size=batch_size, grad_accum_steps=grad_accum_steps, world_size=ctx.world_size,
                     save_every=save_every, eval_every=eval_every, block_cells=block_cells, save_dir=save_dir, lr=lr,
                     grad_clip=grad_clip, warmup_steps=warmup_steps, eval_cells=eval_cells, min_genes=min_genes,
-                    random_state=random_state)
+                    random_state=random_state, decoder_zeros=decoder_zeros)
         state = load_train_state(state_path(resume_from, save_dir)) if resume else None
         result = _train(
             items, use_stream=use_stream, ctx=ctx, dev=dev, state=state, config=config, model=model, epochs=epochs,
@@ -455,7 +475,8 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
         n_cells = counts["cells"]
         split_sizes = {k: counts[k] for k in ("train", "validation", "test")}
         source = StreamBatches(corpus, batch_size, random_state)
-        data_desc = {"kind": "stream", "files": [list(d) for d in corpus.describe()], "block_cells": int(block_cells)}
+        data_desc = {"kind": "stream", "files": [list(d) for d in corpus.describe()], "block_cells": int(block_cells),
+                     "fingerprint": fingerprint(corpus.names())}
     else:
         X, _ = collect_cells(items, gene_symbols=gene_symbols, min_genes=min_genes)
         split = split_cells(X.shape[0], random_state)
@@ -463,7 +484,8 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
         n_cells = X.shape[0]
         split_sizes = {k: int(len(v)) for k, v in split.items()}
         source = MemoryBatches(X_train, batch_size, random_state)
-        data_desc = {"kind": "memory", "cells": int(X.shape[0]), "nnz": int(X.nnz)}
+        data_desc = {"kind": "memory", "cells": int(X.shape[0]), "nnz": int(X.nnz),
+                     "fingerprint": fingerprint((X.indptr, X.indices, X.data))}
     X_val = X_val[:eval_cells]
     stat_counts = None  # the factor-score term's statistics cells
     if terms.factor_weight > 0:
@@ -519,7 +541,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
         "gene_lr_scale": float(gene_lr_scale), "cell_terms": terms.to_dict() if terms.active else None,
     }
     if state is not None:
-        check_signature(_with_defaults(state["signature"]), signature)
+        check_signature(_with_defaults(state["signature"], data_desc), signature)
         D.load_model_state(model, state["model"])
     raw = model.to(dev).train()
     step, history, running, elapsed0 = 0, [], [], 0.0
@@ -693,10 +715,13 @@ class _MicroBatches:
         return True
 
 
-def _with_defaults(saved: dict) -> dict:
+def _with_defaults(saved: dict, data_desc: dict) -> dict:
     """A saved run signature with the settings added to scxtrimo since it was written filled in
-    with their defaults (which reproduce the older behaviour), so that such a run still resumes."""
+    with their defaults (which reproduce the older behaviour), so that such a run still resumes.
+    A state saved before data fingerprints cannot be checked for them: it takes this run's."""
     saved = dict(saved)
+    if "fingerprint" in data_desc and "fingerprint" not in saved.get("data", {}):
+        saved["data"] = {**saved.get("data", {}), "fingerprint": data_desc["fingerprint"]}
     saved["masking"] = {**MaskingConfig().__dict__, **saved.get("masking", {})}
     saved["config"] = XTrimoGeneConfig.from_dict(saved["config"]).to_dict()
     if saved.get("thinning") is not None:
