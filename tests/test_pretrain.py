@@ -187,3 +187,11 @@ def test_pretrain_refuses_no_input_a_file_given_twice_and_a_file_that_is_not_h5a
         scxtrimo.tl.pretrain([a, csv], **kw)
     with pytest.raises(FileNotFoundError, match="missing.h5ad' does not exist"):
         scxtrimo.tl.pretrain([a, tmp_path / "missing.h5ad"], **kw)
+
+
+def test_config_given_beside_a_model_is_said_to_be_ignored(pbmc3k, tiny_config):
+    small = pbmc3k[:40].copy()
+    kw = dict(max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False, device="cpu")
+    with pytest.warns(UserWarning, match="config=.*ignored"):
+        model, _ = scxtrimo.tl.pretrain(small, model=scxtrimo.models.XTrimoGene(tiny_config), config="xtrimo-10m", **kw)
+    assert model.config.enc_dim == tiny_config.enc_dim

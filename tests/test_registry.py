@@ -1,6 +1,7 @@
 """Checkpoints by name through pooch, served from a local HTTP server on 127.0.0.1."""
 
 import functools
+import warnings
 import http.server
 import threading
 
@@ -113,3 +114,15 @@ def test_register_refuses_bundled_names_bad_names_and_bad_hashes(monkeypatch):
     assert _registry.REMOTE == {}
     entry = scxtrimo.models.register("x", "http://127.0.0.1/", {**good, "genes.txt": "SHA256:" + "AB" * 32})
     assert entry.sha256 == good and _registry.REMOTE == {"x": entry}
+
+
+def test_registering_a_name_again_warns_that_it_replaces_the_download(monkeypatch):
+    monkeypatch.setattr(_registry, "REMOTE", {})
+    good = {f: "ab" * 32 for f in _registry.FILES}
+    scxtrimo.models.register("x", "http://127.0.0.1/a/", good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same entry again: nothing to say
+        scxtrimo.models.register("x", "http://127.0.0.1/a/", good)
+    with pytest.warns(UserWarning, match="replaces"):
+        scxtrimo.models.register("x", "http://127.0.0.1/b/", good)
+    assert _registry.REMOTE["x"].base_url == "http://127.0.0.1/b/"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,12 +78,20 @@ def register(name: str, base_url: str, sha256: dict) -> RemoteCheckpoint:
     ValueError
         ``name`` is a bundled checkpoint's, empty, or holds ``/``, ``\\`` or ``..``; a file's sha256
         is missing or not 64 hex digits; ``sha256`` names other files. Nothing is registered then.
+
+    Warns
+    -----
+    UserWarning
+        ``name`` was registered before with another location or hashes (the new entry replaces it).
     """
     from ._io import BUNDLED
 
     if name in BUNDLED:
         raise ValueError(f"{name!r} is a checkpoint bundled with scxtrimo; register the download under another name.")
     entry = RemoteCheckpoint(name, base_url.rstrip("/") + "/", dict(sha256))
+    if name in REMOTE and REMOTE[name] != entry:
+        warnings.warn(f"register({name!r}) replaces the download registered under that name before "
+                      f"({REMOTE[name].base_url}).", UserWarning, stacklevel=2)
     REMOTE[name] = entry
     return entry
 

@@ -240,7 +240,8 @@ def pretrain(
         modality), a path to an ``.h5ad`` file, or a list of these (each file once). Not modified.
     config
         Architecture for a new model: ``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"`` or a
-        :class:`~scxtrimo.models.XTrimoGeneConfig`. Ignored when ``model`` is given.
+        :class:`~scxtrimo.models.XTrimoGeneConfig`. Ignored when ``model`` is given (with a
+        ``UserWarning`` if it is not the default).
     model
         Continue training this model instead of starting from random weights: an
         :class:`~scxtrimo.models.XTrimoGene` (trained in place; with ``strategy="fsdp"`` on
@@ -422,6 +423,9 @@ def pretrain(
     if thinning is not None and not isinstance(thinning, ThinningConfig):
         raise TypeError(f"thinning must be a ThinningConfig or None, got {thinning!r}; e.g. "
                         "scxtrimo.data.ThinningConfig(p_thin=0.5).")
+    if model is not None and config != "xtrimo-3m":
+        warnings.warn(f"config={config if isinstance(config, str) else config.name!r} is ignored: model= is given, "
+                      "and training continues its architecture.", UserWarning, stacklevel=2)
     if model is None:
         if not isinstance(config, (str, XTrimoGeneConfig)):
             raise TypeError(f"config must be a configuration name or an XTrimoGeneConfig, got {type(config).__name__}; "
