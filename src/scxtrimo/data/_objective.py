@@ -138,7 +138,10 @@ def evaluate_masked(model, X: sp.csr_matrix, *, device: torch.device, batch_size
 
     ``X`` holds raw counts on the reference genes, ``(n, 19264)`` CSR. Cell ``i`` is masked
     (and thinned, with ``thinning``) by the key ``cell_keys(seed, 0, i)``, so the score does not
-    depend on ``batch_size``. Returns ``mse``, ``pearson`` and ``n_targets``.
+    depend on ``batch_size``, except with ``decoder_zeros``: the decoded set of a batch is sized
+    from its longest cell, so a cell's count of sampled unexpressed genes, and the score a little,
+    depend on its batch mates (compare scores at one ``batch_size``). Returns ``mse``,
+    ``pearson`` and ``n_targets``.
     """
     if X.shape[0] == 0:
         return {"mse": float("nan"), "pearson": float("nan"), "n_targets": 0}
