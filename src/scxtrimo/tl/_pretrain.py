@@ -219,7 +219,10 @@ def pretrain(
     positions in the whole global batch, and each cell's mask is a function of
     ``(random_state, step, position in the global batch)`` only
     (:func:`~scxtrimo.data.mask_values_keyed`), so ``W`` processes compute the same
-    update as one process with the same ``batch_size`` (up to float rounding). Every rank
+    update as one process with the same ``batch_size`` (up to float rounding; with
+    ``decoder_zeros`` the decoded set of a micro-batch is sized from its longest cell, so a
+    different micro-batch size also changes how many unexpressed genes a cell's decoder
+    sees, a small change of the update). Every rank
     reads every block of a stream (and uses only its shard); every rank evaluates.
 
     **Checkpoint and resume.** With ``save_dir``, every ``save_every`` steps (and at each
@@ -230,7 +233,8 @@ def pretrain(
     temporary name in the same folder, fsynced and renamed, so a crash leaves the previous
     save intact. ``resume=True`` continues from it and, with the same arguments, reproduces
     the uninterrupted run (exactly in fp32 on one device; a different world size or
-    ``grad_accum_steps`` changes only float rounding). Batch order and masks are stateless
+    ``grad_accum_steps`` changes only float rounding, and with ``decoder_zeros`` the sampled
+    context as above). Batch order and masks are stateless
     functions of ``(random_state, epoch, step)``; no generator state needs restoring for them.
 
     Parameters
