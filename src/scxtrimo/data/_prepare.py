@@ -18,11 +18,10 @@ import scipy.sparse as sp
 from .._reference import reference_genes
 from .._validation import check_finite_nonnegative, is_integer_valued, matrix_values
 from ..pp._align import GeneMapping, align_matrix, gene_mapping, warn_duplicates
-from ..pp._normalize import is_xtrimo_normalized, log1p_normalize, to_counts
-from ._depth import append_depth, target_depth
+from ..pp._normalize import _LOG_MAX, is_xtrimo_normalized, log1p_normalize, to_counts
+from ._depth import TARGET_SUM, append_depth, target_depth
 
 BLOCK_CELLS = 10_000
-TARGET_SUM = 1e4  # the model's input: log1p of counts per 10,000
 _CHECK_ROWS = 2_000  # cells whose totals are checked before X is taken as the model's input
 DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, float32) stays under this
 
@@ -75,7 +74,7 @@ def _holds_log1p_cp10k(adata: ad.AnnData) -> bool:
     if X is None:
         return False
     X = sp.csr_matrix(X, dtype=np.float64)
-    if X.nnz and (not np.isfinite(X.data).all() or X.data.max() > 20):
+    if X.nnz and (not np.isfinite(X.data).all() or X.data.max() >= _LOG_MAX):
         return False
     sums = np.asarray(X.expm1().sum(axis=1)).ravel()
     sums = sums[np.diff(X.indptr) > 0]

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import zlib
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -9,15 +7,10 @@ import scanpy as sc
 
 from .._anndata import rna_modality, xtrimo_uns
 from .._validation import check_embedding
+from ..tl._checkpoint import fingerprint
 
 #: Fewest cells a kNN graph and a UMAP are computed for.
 MIN_CELLS = 3
-
-
-def _fingerprint(emb: np.ndarray) -> int:
-    """Checksum of the embedding's values, shape and dtype: the stored UMAP is reused only for these."""
-    emb = np.ascontiguousarray(emb)
-    return zlib.crc32(emb.tobytes(), zlib.crc32(repr((emb.shape, emb.dtype.str)).encode()))
 
 
 def _umap(emb: np.ndarray, *, obs_names: pd.Index, basis: str, key: str, n_neighbors: int, random_state: int):
@@ -79,7 +72,7 @@ def embedding(adata, *, color=None, basis: str = "X_xtrimo", n_neighbors: int = 
     if data.n_obs < MIN_CELLS:
         raise ValueError(f"A UMAP needs at least {MIN_CELLS} cells; this AnnData has {data.n_obs}.")
     key, umap_key = f"neighbors_{basis}", f"X_umap_{basis}"
-    record = {"n_neighbors": int(n_neighbors), "random_state": int(random_state), "checksum": _fingerprint(emb)}
+    record = {"n_neighbors": int(n_neighbors), "random_state": int(random_state), "checksum": fingerprint((emb,))}
     entry = data.uns.get("xtrimo")
     stored = entry.get("umap", {}).get(basis) if isinstance(entry, dict) else None
     if umap_key in data.obsm and stored == record:

@@ -128,9 +128,10 @@ def _detect(X: sp.csr_matrix, uns: Any) -> tuple[str, str]:
         return "counts", "integer values"
     stale = ""
     if uns is not None and hasattr(uns, "__contains__") and "log1p" in uns:
-        if X.data.max() < _LOG_MAX:
+        top = X.data.max()
+        if top < _LOG_MAX:
             return "log1p", "non-integer values and `uns['log1p']` (scanpy's log1p marker)"
-        stale = f" (`uns['log1p']` ignored: values up to {X.data.max():.4g} are not logged)"
+        stale = f" (`uns['log1p']` ignored: values up to {top:.4g} are not logged)"
     kind, reason = _detect_from_values(X)
     return kind, reason + stale
 
