@@ -27,8 +27,18 @@ def test_writes_obsm_and_params_without_touching_x(small, model):
     assert emb.shape == (120, 128) and emb.dtype == np.float32 and np.isfinite(emb).all()
     params = small.uns["xtrimo"]["params"]
     assert params["n_genes_matched"] == 11_213 and params["pooling"] == "max" and params["input"] == "counts"
-    assert params["scxtrimo_version"] == scxtrimo.__version__
+    assert params["scxtrimo_version"] == scxtrimo.__version__ and params["source"] == "X"
     assert (small.X != X0).nnz == 0 and small.n_vars == 13_714
+
+
+def test_params_name_the_matrix_that_was_read(small, model):
+    layered = small.copy()
+    layered.layers["counts"] = layered.X.copy()
+    layered.X = layered.X * 0  # X no longer holds the counts: the counts layer is what is read
+    scxtrimo.tl.embed(layered, model=model, progress=False)
+    scxtrimo.tl.embed(small, model=model, progress=False)
+    assert layered.uns["xtrimo"]["params"]["source"] == "layers['counts']"
+    np.testing.assert_allclose(layered.obsm["X_xtrimo"], small.obsm["X_xtrimo"], atol=1e-5)
 
 
 def test_raw_counts_and_prepared_data_give_the_same_embedding(small, model):
@@ -37,6 +47,7 @@ def test_raw_counts_and_prepared_data_give_the_same_embedding(small, model):
     scxtrimo.tl.embed(small, model=model, progress=False)
     scxtrimo.tl.embed(prepared, model=model, progress=False)
     assert prepared.uns["xtrimo"]["params"]["input"] == "prepared"
+    assert prepared.uns["xtrimo"]["params"]["source"] == "X"
     np.testing.assert_allclose(small.obsm["X_xtrimo"], prepared.obsm["X_xtrimo"], atol=1e-5)
 
 

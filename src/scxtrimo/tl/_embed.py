@@ -70,6 +70,7 @@ def input_params(net, prep, *, bulk: str | None, median: float | None, target_de
         **({"bulk": bulk} if bulk else {}),
         **({"bulk_target_sum": float(median)} if median is not None else {}),
         "input": f"bulk-{bulk}" if bulk else prep.kind,
+        "source": prep.source,
     }
 
 
@@ -199,7 +200,8 @@ def embed(
     * ``uns['xtrimo']['params']``: checkpoint name and sha256 (for the authors' file: the
       file's sha256; for a folder converted from it also ``source_sha256``), configuration,
       package version, number of reference genes matched, pooling, ``key_added``, the detected
-      input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the depth-token
+      input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the matrix read
+      (``source``: ``"X"`` or ``"layers['counts']"``), the depth-token
       settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``).
 
     Raises
