@@ -154,8 +154,9 @@ def gene_embed(
       categories' order), ``['n_cells']`` (``(k,)`` int64) and ``['groupby']``; per-cell
       results of an earlier call under ``key_added`` (other genes) are removed from ``obsm``;
     * always ``uns[key_added]['genes']``, ``(G,)`` str, and ``uns['xtrimo']['gene_embed']``:
-      checkpoint name and sha256, configuration, package version, genes matched, input kind, matrix read (``source``),
-      depth-token or bulk settings, ``key_added``, ``groupby``, number of genes kept, device.
+      checkpoint name and sha256, configuration, package version, genes matched, input kind,
+      matrix read (``source``), depth-token or bulk settings, ``key_added``, ``groupby``, number
+      of genes kept, device.
 
     Raises
     ------
