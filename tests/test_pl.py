@@ -186,3 +186,13 @@ def test_loss_names_a_pretrain_tuple_and_an_empty_history():
     with pytest.raises(ValueError, match="no rows"):
         scxtrimo.pl.loss(good.iloc[:0], show=False)
     plt.close("all")
+
+
+def test_plots_on_the_users_axes_leave_the_users_layout_alone(bundled):
+    history = pd.DataFrame({"step": [1, 2], "train_mse": [1.0, 0.9], "val_mse": [1.0, 0.95]})
+    fig, (a1, a2) = plt.subplots(1, 2)
+    fig.subplots_adjust(left=0.3, wspace=0.6)
+    scxtrimo.pl.loss(history, ax=a1, show=False)
+    scxtrimo.pl.autobin(bundled, ax=a2, show=False)
+    assert fig.subplotpars.left == 0.3 and fig.subplotpars.wspace == 0.6
+    plt.close("all")

@@ -48,7 +48,8 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     with torch.no_grad():
         param = next(model.value_embedding.parameters())
         w = model.value_embedding.bin_weights(torch.as_tensor(values, dtype=param.dtype, device=param.device)).float().cpu().numpy()
-    if ax is None:
+    own = ax is None
+    if own:
         _, ax = plt.subplots(figsize=(6, 3.5))
     colors = plt.get_cmap(cmap)(np.linspace(0, 1, w.shape[1]))
     ax.stackplot(values, w.T, colors=colors, linewidth=0)
@@ -57,4 +58,4 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     ax.set_xlabel("expression value (log1p CP10k)")
     ax.set_ylabel("bin weight (stacked)")
     ax.set_title(f"auto-discretization, {w.shape[1]} bins")
-    return finish(ax.figure, ax, show=show, save=save)
+    return finish(ax.figure, ax, show=show, save=save, layout=own)

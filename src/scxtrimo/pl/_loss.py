@@ -42,7 +42,8 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
         raise KeyError(f"history lacks columns {sorted(missing)}; pass the table from scxtrimo.tl.pretrain.")
     if history.empty:
         raise ValueError("history has no rows: the run recorded no evaluation (train longer, or evaluate more often).")
-    if ax is None:
+    own = ax is None
+    if own:
         _, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(history["step"], history["train_mse"], marker="o", label="train MSE")
     ax.plot(history["step"], history["val_mse"], marker="o", label="validation MSE")
@@ -54,4 +55,4 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
         ax2.set_ylabel("Pearson r")
     lines = [*ax.get_lines(), *(ax2.get_lines() if "val_pearson" in history else [])]
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
-    return finish(ax.figure, ax, show=show, save=save)
+    return finish(ax.figure, ax, show=show, save=save, layout=own)
