@@ -20,6 +20,20 @@ def test_sphinx_builds_without_warnings(tmp_path):
     assert (tmp_path / "html" / "notebooks" / "01_embed_cluster_pbmc3k.html").exists()
 
 
+def test_every_public_name_is_in_the_api_reference():
+    import importlib
+
+    import scxtrimo
+
+    page = (REPO / "docs" / "api" / "index.md").read_text()
+    listed = {line.strip() for line in page.splitlines()}
+    names = [n for n in scxtrimo.__all__ if n not in {"pp", "tl", "pl", "models", "data", "datasets", "__version__"}]
+    for sub in ("pp", "tl", "pl", "models", "data", "datasets"):
+        names += [f"{sub}.{n}" for n in importlib.import_module(f"scxtrimo.{sub}").__all__]
+    missing = [n for n in names if n not in listed]
+    assert not missing, f"public names missing from docs/api/index.md: {missing}"
+
+
 def test_first_tutorial_executes(tmp_path):
     import nbclient
     import nbformat

@@ -9,8 +9,12 @@ e.g. on a GPU machine without scanpy or anndata.
 
 import importlib
 
-from ._reference import N_GENES, reference_genes
+from ._reference import N_GENES as _N_GENES
+from ._reference import reference_genes
 from ._version import __version__
+
+#: The number of genes in the xTrimoGene reference list (:func:`reference_genes`), the model's vocabulary (19,264).
+N_GENES = _N_GENES
 
 _SUBMODULES = ("pp", "tl", "pl", "models", "data", "datasets")
 

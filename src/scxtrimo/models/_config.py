@@ -24,8 +24,25 @@ class XTrimoGeneConfig:
 
     Attributes
     ----------
+    name
+        The configuration's name (``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"``, or
+        one of your own); recorded in checkpoints and in ``uns['xtrimo']['params']``.
     n_genes
         Vocabulary size: genes of the reference list (19,264).
+    enc_depth, enc_heads, enc_dim
+        Encoder blocks, attention heads and width (Table 2: 4 / 8 / 256 for xtrimo-10m,
+        12 / 12 / 768 for xtrimo-100m); ``enc_dim`` is also the cell embedding's width.
+        ``enc_dim`` must be divisible by ``enc_heads``.
+    enc_ff_mult
+        Encoder feed-forward hidden width as a multiple of ``enc_dim``.
+    dec_depth, dec_heads, dec_dim
+        Performer decoder blocks, attention heads and width (Table 2: 2 / 4 / 256 for
+        xtrimo-10m, 6 / 8 / 512 for xtrimo-100m); ``dec_dim`` must be divisible by
+        ``dec_heads``.
+    dec_ff_mult
+        Decoder feed-forward hidden width as a multiple of ``dec_dim``.
+    dropout
+        Dropout in encoder and decoder, in ``[0, 1)`` (0: none, as pretrained here).
     n_bins
         Auto-discretization bins ``b`` (section 3.3; 100 in the paper).
     autobin_alpha
@@ -68,6 +85,14 @@ class XTrimoGeneConfig:
         together count as ``Z`` keys, each weighted ``Z / (number of them in the decoded
         set)``. A model pretrained with ``decoder_zeros=Z`` sampled zeros then sees the same
         zero mass when it decodes all 19,264 genes. Not in the paper.
+
+    Raises
+    ------
+    ValueError
+        A size that is not a positive integer; a width not divisible by its heads; ``dropout``
+        outside ``[0, 1)``; an unknown ``enc_activation`` or ``key_max``;
+        ``feature_redraw_interval`` or ``decoder_zero_mass`` neither ``None`` nor a positive
+        integer.
     """
 
     name: str = "xtrimo-3m"
@@ -140,6 +165,7 @@ class XTrimoGeneConfig:
         return cls(**d)
 
 
+# The named configurations (exported, and documented, as scxtrimo.models.CONFIGS).
 CONFIGS: dict[str, XTrimoGeneConfig] = {
     "xtrimo-3m": XTrimoGeneConfig(
         name="xtrimo-3m", enc_depth=4, enc_heads=2, enc_dim=128, enc_ff_mult=2,
@@ -157,7 +183,23 @@ CONFIGS: dict[str, XTrimoGeneConfig] = {
 
 
 def get_config(config: str | XTrimoGeneConfig) -> XTrimoGeneConfig:
-    """Look up a named configuration, or pass a config object through."""
+    """Look up a named configuration, or pass a config object through.
+
+    Parameters
+    ----------
+    config
+        A key of :data:`CONFIGS` (``"xtrimo-3m"``, ``"xtrimo-10m"``, ``"xtrimo-100m"``) or an
+        :class:`XTrimoGeneConfig`, returned as it is.
+
+    Returns
+    -------
+    XTrimoGeneConfig
+
+    Raises
+    ------
+    ValueError
+        ``config`` is not a known name.
+    """
     if isinstance(config, XTrimoGeneConfig):
         return config
     try:
