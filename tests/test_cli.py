@@ -175,3 +175,30 @@ def test_cli_embed_writes_atomically_so_a_failed_write_keeps_the_input(pbmc3k, t
     monkeypatch.undo()
     assert main(["embed", str(src), str(src)]) == 0
     assert ad.read_h5ad(src).obsm["X_xtrimo"].shape == (30, 128)
+
+
+def test_run_file_and_flag_continue_a_named_checkpoint(pretrain_files, tmp_path, capsys):
+    """`model:` (or --model) continues a checkpoint from the command line, as tl.pretrain(model=...) does."""
+    import torch
+
+    from scxtrimo.cli import read_run_config
+    from scxtrimo.models import load
+
+    run = tmp_path / "run.yaml"
+    run.write_text("data: a.h5ad\nmodel: xtrimo-3m\n")
+    assert read_run_config(run)["model"] == "xtrimo-3m"
+    run.write_text(f"data: {tmp_path / 'missing.h5ad'}\nmodel: 5\n")
+    assert main(["pretrain", str(run), "--quiet"]) == 2
+    _one_line_error(capsys, "`model` must be a checkpoint name or folder", "5")
+
+    out = tmp_path / "continued"
+    assert main(["pretrain", "--data", *map(str, pretrain_files), "--model", "xtrimo-3m", "--max-steps", "1",
+                 "--batch-size", "4", "--lr", "1e-5", "--eval-cells", "4", "--random-state", "3",
+                 "--save-dir", str(out), "--quiet"]) == 0
+    assert "pretrained xtrimo-3m for 1 steps" in capsys.readouterr().out
+    continued, bundled = load(out), load("xtrimo-3m")
+    assert continued.default_pooling == bundled.default_pooling == "mean"
+    for (name, a), b in zip(continued.state_dict().items(), bundled.state_dict().values()):
+        if a.is_floating_point():  # one small step from the bundled weights, not a new model
+            assert torch.allclose(a, b, atol=1e-3), name
+    assert any(not torch.equal(a, b) for a, b in zip(continued.parameters(), bundled.parameters()))  # it trained

@@ -96,13 +96,15 @@ _PRETRAIN_FLAGS = {
     "strategy": "strategy", "activation_checkpointing": "activation_checkpointing", "save_every": "save_every",
     "eval_every": "eval_every", "eval_cells": "eval_cells", "device": "device", "seed": "random_state",
     "block_cells": "block_cells", "gene_symbols": "gene_symbols", "resume": "resume", "resume_from": "resume_from",
-    "min_genes": "min_genes",
+    "min_genes": "min_genes", "model": "model",
 }
 
 
 def read_run_config(path: str | Path) -> dict:
     """Read a pretraining run file: YAML (``.yaml``/``.yml``) or JSON, a mapping whose keys are
-    :func:`scxtrimo.tl.pretrain` keyword names plus ``data`` (a path or a list of paths).
+    :func:`scxtrimo.tl.pretrain` keyword names (all but ``callback`` and ``progress``) plus ``data``
+    (a path or a list of paths). ``model`` names a checkpoint to continue (a name such as
+    ``xtrimo-3m`` or a folder).
 
     Values are checked against ``tl.pretrain``'s annotations before any data is read. A string
     that reads as a number is taken as one where a number is expected: PyYAML (YAML 1.1) reads
@@ -123,7 +125,8 @@ def read_run_config(path: str | Path) -> dict:
     ValueError
         The file is not valid YAML / JSON or not a mapping; keys that are not ``tl.pretrain``
         parameters; a value of the wrong type (the error names the key); a ``config``,
-        ``masking`` or ``thinning`` mapping with unknown or invalid fields.
+        ``masking`` or ``thinning`` mapping with unknown or invalid fields; a ``model`` that is
+        not a string.
     """
     import inspect
     import json
@@ -145,7 +148,7 @@ def read_run_config(path: str | Path) -> dict:
         raise ValueError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a mapping of tl.pretrain keyword names to values.")
-    known = set(inspect.signature(tl.pretrain).parameters) - {"model", "callback", "progress"}
+    known = set(inspect.signature(tl.pretrain).parameters) - {"callback", "progress"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the tl.pretrain parameters {sorted(known)}.")
@@ -154,6 +157,9 @@ def read_run_config(path: str | Path) -> dict:
     data = kw.get("data", [])  # or from --data
     if not (isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)):
         raise ValueError(f"{path}: `data` must be an .h5ad path or a list of them, got {data!r}.")
+    if "model" in kw and not (kw["model"] is None or isinstance(kw["model"], str)):
+        raise ValueError(f"{path}: `model` must be a checkpoint name or folder to continue (e.g. xtrimo-3m), "
+                         f"got {kw['model']!r}.")
     if "config" in kw and not isinstance(kw["config"], str):
         kw["config"] = _run_model_config(path, kw["config"])
     for key, cls in (("masking", MaskingConfig), ("thinning", ThinningConfig)):
@@ -341,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run_config", nargs="?", default=None, help="YAML/JSON run file (optional)")
     t.add_argument("--data", nargs="+", default=None, help=".h5ad files (streamed in blocks)")
     t.add_argument("--config", default=None, help="architecture: xtrimo-3m, xtrimo-10m or xtrimo-100m")
-    t.add_argument("--out", default=None, help="save_dir: model files, history.csv and train_state.pt")
+    t.add_argument("--model", default=None,
+                   help="continue this checkpoint (a name such as xtrimo-3m, or a folder) instead of a new model")
+    t.add_argument("--out", "--save-dir", dest="out", default=None,
+                   help="save_dir: model files, history.csv and train_state.pt")
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--epochs", type=float, default=None)
     t.add_argument("--max-time", type=float, default=None, help="seconds")
@@ -360,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-cells", type=int, default=None)
     t.add_argument("--gene-symbols", default=None)
     t.add_argument("--device", default=None, help="auto, cpu or cuda")
-    t.add_argument("--seed", type=int, default=None, help="random_state")
+    t.add_argument("--seed", "--random-state", dest="seed", type=int, default=None, help="random_state")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUT/train_state.pt")
     t.add_argument("--resume-from", default=None, help="continue from this train_state.pt (file or folder)")
     t.add_argument("--log-every", type=int, default=0, help="print a line every N steps (rank 0)")
@@ -376,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="*", default=[], help="skip inputs whose file name contains any of these")
     c.add_argument("--min-genes", type=int, default=201)
     c.add_argument("--labels-key", default="cell_type")
-    c.add_argument("--seed", type=int, default=0, help="seeds the 96:2:2 split")
+    c.add_argument("--seed", "--random-state", dest="seed", type=int, default=0, help="random_state: seeds the 96:2:2 split")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_corpus)
 
