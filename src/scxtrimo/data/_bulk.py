@@ -1,6 +1,6 @@
 """Model input blocks: single cells (log1p CP10k, depth tokens) or bulk samples (the authors' conventions).
 
-Bulk RNA-seq (paper section 5.4.3; ``specs/scfoundation-checkpoint.md`` section 4 item 6): the
+Bulk RNA-seq (paper section 5.4.3; ``docs/scfoundation.md``, "Bulk RNA-seq"): the
 values are taken as given, not turned back into counts; raw bulk counts are scaled to the
 median total of all samples and ``log1p``'d, and the depth tokens are ``T = S`` computed from
 the sample's own values.

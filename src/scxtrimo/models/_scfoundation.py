@@ -3,7 +3,7 @@
 The file is one PyTorch pickle holding three sub-models of the same architecture: ``cell``
 (cell embeddings), ``rde`` (read-depth enhancement) and ``gene`` (gene-context embeddings and
 expression). Each is ``{'config': ..., 'state_dict': ...}``; the architecture is read from the
-config entries (``../specs/scfoundation-checkpoint.md`` section 3.1), every tensor is checked
+config entries (``docs/scfoundation.md``, "Load or convert"), every tensor is checked
 against the shapes those entries imply (section 2) and renamed to scxtrimo's modules.
 
 The weights are under the non-commercial "scFoundation License": scxtrimo never ships them

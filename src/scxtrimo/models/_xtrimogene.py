@@ -219,7 +219,7 @@ class XTrimoGene(nn.Module):
         The encoder runs over each cell's non-zero values (depth tokens T and S included when
         positive); the decoder over all positions, its input being the encoder outputs at
         those and the value embedding of 0 elsewhere, plus the gene embedding
-        (``../specs/scfoundation-checkpoint.md`` section 6; paper section 3.2, 5.4.2). Every
+        (``docs/scfoundation.md``, "Gene-context embeddings"; paper section 3.2, 5.4.2). Every
         cell's outputs depend on that cell only (the Performer's key maximum is taken per cell,
         or per cell and head).
 

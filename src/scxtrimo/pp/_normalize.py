@@ -306,8 +306,8 @@ def median_total(totals) -> float:
     """The median of the positive per-cell (per-sample) totals, as float64.
 
     The target of scanpy's ``normalize_total(target_sum=None)``, which the authors' pipeline
-    applies to raw bulk RNA-seq before ``log1p`` (``../specs/scfoundation-checkpoint.md``
-    section 4 item 6; paper section 5.4.3).
+    applies to raw bulk RNA-seq before ``log1p`` (``docs/scfoundation.md``,
+    "Bulk RNA-seq"; paper section 5.4.3).
 
     Raises
     ------

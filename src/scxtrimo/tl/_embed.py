@@ -123,10 +123,11 @@ def embed(
     """Embed cells with the xTrimoGene encoder.
 
     Only the encoder runs, over each cell's expressed genes (paper section 3.1); its outputs are
-    max-pooled over genes into one vector per cell, as in the paper's clustering and annotation
-    experiments (appendix 4, 8.1). Raw counts with gene symbols work directly: the data are
-    aligned to the 19,264 reference genes and normalized to log1p CP10k on the fly, block by
-    block, without touching ``adata.X`` (backed AnnData works too). Data already prepared with
+    pooled over genes into one vector per cell: by the checkpoint's default pooling (mean for the
+    bundled xtrimo-3m; max, as in the paper's clustering and annotation experiments, appendix 4
+    and 8.1, for a checkpoint that names none). Raw counts with gene symbols work directly: the
+    data are aligned to the 19,264 reference genes and normalized to log1p CP10k on the fly,
+    block by block, without touching ``adata.X`` (backed AnnData works too). Data already prepared with
     :func:`scxtrimo.pp.align_genes` and :func:`scxtrimo.pp.normalize` are used as they are.
     Cells are batched with others of similar length, so little work goes to padding. The result
     is deterministic for a given model, input and device.
@@ -178,7 +179,7 @@ def embed(
         input whose raw totals are known.
     bulk
         Bulk RNA-seq samples instead of single cells, with the authors' conventions (paper
-        section 5.4.3; ``../specs/scfoundation-checkpoint.md`` section 4 item 6). The values
+        section 5.4.3; ``docs/scfoundation.md``, "Bulk RNA-seq"). The values
         (``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
         being integers or turned back into counts. ``"counts"``: raw (or expected) counts;
         every sample is scaled to the **median** total of all samples and ``log1p``'d (scanpy's

@@ -99,7 +99,7 @@ def gene_embed(
     For each cell the encoder runs over its expressed genes (and the depth tokens T and S of
     models that have them) and the decoder over all 19,264 genes, nothing masked (paper
     section 3.2; the authors' gene-context embeddings, section 5.4.2;
-    ``../specs/scfoundation-checkpoint.md`` section 6). A gene's context embedding is the
+    ``docs/scfoundation.md``, "Gene-context embeddings"). A gene's context embedding is the
     decoder's output at that gene after its final LayerNorm(s); the expression prediction is
     the ``d -> 1`` head on it (log1p CP10k scale; the authors call it "not recommended").
     For the authors' released model load the ``gene`` sub-model:
