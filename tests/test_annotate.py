@@ -293,3 +293,22 @@ def test_default_freeze_is_the_linear_probe_on_cpu(pbmc3k, tiny_config):
     assert clf.freeze == "all" and small.uns["xtrimo"]["annotate"]["freeze"] == "all"
     for k, v in clf.backbone.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"freeze": "bogus"}, "freeze='bogus'"),
+    ({"freeze": 9}, "freeze=9: the encoder has"),
+    ({"freeze": True}, "freeze=True"),
+    ({"pooling": "median"}, "pooling"),
+    ({"classes": ["only"]}, "at least two classes"),
+])
+def test_classifier_refuses_settings_it_would_store_and_misuse(tiny_config, kwargs, message):
+    """A bad freeze was stored, saved, and only failed later in annotate(use_rep=...)."""
+    args = {"classes": ["B", "T"], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        CellTypeClassifier(XTrimoGene(tiny_config), args.pop("classes"), **args)
+
+
+def test_classifier_keeps_valid_settings(tiny_config):
+    clf = CellTypeClassifier(XTrimoGene(tiny_config), ["B", "T"], freeze=np.int64(1), pooling="mean")
+    assert clf.freeze == 1 and type(clf.freeze) is int and clf.pooling == "mean" and clf.head.out_features == 2

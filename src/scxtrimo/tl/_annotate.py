@@ -43,6 +43,26 @@ TRAINING_ONLY = ("freeze", "epochs", "lr", "head_lr", "patience", "warm_start", 
 class CellTypeClassifier(nn.Module):
     """xTrimoGene encoder + pooling over genes + one linear layer (appendix 8.1).
 
+    Usually built and trained by :func:`annotate`, or read back with :meth:`load`.
+
+    Parameters
+    ----------
+    backbone
+        The xTrimoGene model whose encoder embeds the cells.
+    classes
+        Class names, at least two and distinct, in the order of the output columns.
+    freeze
+        ``"none"`` (fine-tune the whole encoder), ``"all"`` (linear probe) or an int ``k`` in
+        ``[0, enc_depth]`` (the last ``k`` encoder layers trainable).
+    pooling
+        ``"max"``, ``"mean"`` or ``"all"`` (models with depth tokens), as in
+        :func:`scxtrimo.tl.embed`.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two or repeated classes; a ``freeze`` or ``pooling`` outside those above.
+
     Attributes
     ----------
     backbone : XTrimoGene
@@ -67,6 +87,10 @@ class CellTypeClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.classes = [str(c) for c in classes]
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"A classifier needs at least two classes, each named once; got {self.classes[:10]}.")
+        check_pooling(pooling, backbone.config)
+        freeze = _check_freeze(freeze, len(backbone.encoder.blocks))
         width = backbone.embedding_width(pooling)
         self.head = nn.Linear(width, len(self.classes))
         self.register_buffer("feature_mean", torch.zeros(width))
