@@ -34,6 +34,11 @@ class CellExpressionHead(nn.Module):
     readout
         ``"bilinear"`` (a learned ``d x d`` map of the cell embedding) or ``"dot"`` (a learned
         scale only). Both start at the gene biases alone (no pull on the encoder at step 0).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``readout``.
     """
 
     def __init__(self, enc_dim: int, n_genes: int, readout: str = "bilinear"):

@@ -52,7 +52,14 @@ REMOTE: dict[str, RemoteCheckpoint] = {}
 
 
 def cache_dir() -> Path:
-    """The download cache: ``$SCXTRIMO_CACHE`` or the platform's user cache folder."""
+    """The download cache: ``$SCXTRIMO_CACHE`` or the platform's user cache folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (not created here); each registered checkpoint is downloaded into
+        ``cache_dir() / name``.
+    """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     import pooch
@@ -72,6 +79,11 @@ def register(name: str, base_url: str, sha256: dict) -> RemoteCheckpoint:
     sha256
         File name -> sha256 (64 hex digits; upper case and a ``sha256:`` prefix are accepted) for
         exactly those three files.
+
+    Returns
+    -------
+    RemoteCheckpoint
+        The registry entry (``name``, ``base_url``, ``sha256``: the checked, lower-case hashes).
 
     Raises
     ------

@@ -51,7 +51,12 @@ class XTrimoGene(nn.Module):
     ----------
     config
         A :class:`XTrimoGeneConfig` or a configuration name (``"xtrimo-3m"``, ``"xtrimo-10m"``,
-        ``"xtrimo-100m"``).
+        ``"xtrimo-100m"``). The weights are random; :func:`scxtrimo.models.load` reads trained ones.
+
+    Raises
+    ------
+    ValueError
+        ``config`` is not a known configuration name.
     """
 
     def __init__(self, config: XTrimoGeneConfig | str = "xtrimo-3m"):

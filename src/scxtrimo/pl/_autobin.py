@@ -24,7 +24,9 @@ def autobin(model: XTrimoGene, values=None, *, ax=None, cmap: str = "viridis", s
     values
         1-d array of log1p CP10k values (drawn in increasing order); default ``np.linspace(0, 10, 200)``.
     ax
-        Axes to draw on; a new figure if ``None``.
+        Axes to draw on; a new figure if ``None`` (a given figure's layout is left alone).
+    cmap
+        Matplotlib colormap name for the bins, from the lowest bin to the highest.
     show, save
         ``show=False`` returns the axes; ``save`` is a file path to write the figure to.
 

@@ -15,7 +15,7 @@ def loss(history: pd.DataFrame, *, ax=None, show: bool | None = None, save: str 
         The table returned by :func:`scxtrimo.tl.pretrain` (columns ``step``, ``train_mse``,
         ``val_mse``, ``val_pearson``).
     ax
-        Axes to draw on; a new figure if ``None``.
+        Axes to draw on; a new figure if ``None`` (a given figure's layout is left alone).
     show, save
         ``show=False`` returns the axes; ``save`` is a file path to write the figure to.
 

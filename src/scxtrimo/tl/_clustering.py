@@ -83,7 +83,10 @@ def evaluate_clustering(
     dict
         ``ari``, ``nmi``, ``homogeneity``, ``completeness``, ``silhouette``, ``resolution``,
         ``n_clusters`` (the clusters found). Also stored in
-        ``uns['xtrimo']['clustering'][use_rep]``; the clusters go to ``obs[key_added]``.
+        ``uns['xtrimo']['clustering'][use_rep]``; the clusters go to ``obs[key_added]``
+        (categorical of cluster numbers as strings, scanpy's Leiden output), its settings to
+        ``uns[key_added]``, and the kNN graph to ``obsp['neighbors_<use_rep>_connectivities']``,
+        ``obsp['neighbors_<use_rep>_distances']`` and ``uns['neighbors_<use_rep>']``.
 
     Raises
     ------
