@@ -15,8 +15,10 @@ def pbmc3k() -> ad.AnnData:
     anndata.AnnData
         2,638 cells x 13,714 genes. ``X``: raw UMI counts, CSR, float32. ``var_names``: gene
         symbols. ``obs['cell_type']``: the tutorial's 8 cell-type labels (categorical);
-        ``obs['n_counts']``, ``obs['n_genes']``, ``obs['percent_mito']``; ``obs['batch']``.
-        A new object on every call.
+        the tutorial's QC columns ``obs['n_counts']`` (total UMIs), ``obs['n_genes']``
+        (expressed genes, counted before the tutorial dropped genes seen in fewer than 3
+        cells, so a few above the expressed genes of ``X``) and ``obs['percent_mito']`` (a
+        fraction in [0, 1] despite its name); ``obs['batch']``. A new object on every call.
 
     Notes
     -----

@@ -63,9 +63,11 @@ def save(model: XTrimoGene, path: str | os.PathLike, *, dtype: torch.dtype = tor
     """Write ``model`` to the folder ``path`` (created if missing); return the folder.
 
     Floating-point tensors are stored as ``dtype`` (``torch.float16`` halves the size).
-    ``config.json`` records ``model.metadata`` updated with ``metadata`` (its keys win). Files
-    are written under temporary names and renamed, so a failed or interrupted save never leaves
-    a half-written checkpoint behind; a failed one removes its temporary files.
+    ``config.json`` records ``model.metadata`` updated with ``metadata`` (its keys win). Each
+    file is written whole under a temporary name and then renamed into place, so a failed save
+    leaves no half-written file (and removes its temporary files); the three renames are
+    separate steps, so a process killed between them can leave new and old files side by side
+    when ``path`` held a checkpoint before: save into a new folder to keep the old one intact.
 
     Raises
     ------
