@@ -219,8 +219,8 @@ def embed(
         AnnData; cells after the first block whose values are of another kind (counts against
         log1p or normalized values) than the first cells'; a checkpoint that does not load.
         ``adata`` is unchanged when anything fails. A gene symbol in several columns is summed,
-        with a ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`), as are gene names that
-        match only without surrounding spaces or in another case (they are left out). Data
+        with a ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`); gene names that match
+        only without surrounding spaces or in another case are left out, with a ``UserWarning``. Data
         marked by :func:`scxtrimo.pp.normalize` are taken as the model's input only if
         normalized to 10,000 and still holding those values; otherwise their counts are read.
     KeyError
