@@ -195,3 +195,5 @@ def test_config_given_beside_a_model_is_said_to_be_ignored(pbmc3k, tiny_config):
     with pytest.warns(UserWarning, match="config=.*ignored"):
         model, _ = scxtrimo.tl.pretrain(small, model=scxtrimo.models.XTrimoGene(tiny_config), config="xtrimo-10m", **kw)
     assert model.config.enc_dim == tiny_config.enc_dim
+    with pytest.warns(UserWarning, match="config=.*ignored"):  # a config object or mapping is named too
+        scxtrimo.tl.pretrain(small, model=scxtrimo.models.XTrimoGene(tiny_config), config={"enc_depth": 2}, **kw)

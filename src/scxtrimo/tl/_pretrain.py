@@ -428,7 +428,7 @@ def pretrain(
         raise TypeError(f"thinning must be a ThinningConfig or None, got {thinning!r}; e.g. "
                         "scxtrimo.data.ThinningConfig(p_thin=0.5).")
     if model is not None and config != "xtrimo-3m":
-        warnings.warn(f"config={config if isinstance(config, str) else config.name!r} is ignored: model= is given, "
+        warnings.warn(f"config={getattr(config, 'name', config)!r} is ignored: model= is given, "
                       "and training continues its architecture.", UserWarning, stacklevel=2)
     if model is None:
         if not isinstance(config, (str, XTrimoGeneConfig)):
