@@ -4,7 +4,9 @@ Side by side on identical stratified 8:1:1 splits, for several seeds:
   * scxtrimo fine-tuned (``tl.annotate``; its default warm start: the head is first trained as
     a linear probe, then encoder and head are fine-tuned), and optionally "scxtrimo fine-tuned
     (cold head)" (``warm_start=False``, a random head),
-  * scxtrimo linear probe (``tl.annotate(freeze="all")``),
+  * scxtrimo linear probe (``tl.annotate(freeze="all")``), and "scxtrimo linear probe (per
+    batch)": ``tl.annotate(batch_key="run")``, each run standardized on its own (cellbench: the
+    protocol run; the pbmc tasks: the data set),
   * logistic regression on PCA of log-normalized HVGs (fit on the training cells),
   * CellTypist trained on the same training cells (its default logistic regression, and its
     SGD mode; see ``celltypist_pred``).
@@ -51,6 +53,9 @@ SORTED_COARSE = {"bcells": "B", "nk": "NK", "monocytes": "monocyte", "memoryt": 
                  "thelper": "CD4 T", "naivet": "CD4 T", "cytotoxict": "CD8 T", "naivecytotoxic": "CD8 T"}
 PBMC3K_COARSE = {"B cells": "B", "NK cells": "NK", "CD14+ Monocytes": "monocyte", "FCGR3A+ Monocytes": "monocyte",
                  "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T"}
+
+
+RUN = "run"  # the batch column of the per-batch probe: cellbench's protocol run, or the data set
 
 
 def coarse(adata, mapping):
@@ -137,11 +142,13 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
             continue
         t = time.perf_counter()
         if method.startswith("scxtrimo"):
-            probe = method == "scxtrimo linear probe"
+            probe = method.startswith("scxtrimo linear probe")
+            batch_key = RUN if method == "scxtrimo linear probe (per batch)" else None
             pool = train_pool.copy()
             if probe:
                 clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze="all", use_rep="X_xtrimo",
-                                           pooling=args.pooling, random_state=seed, epochs=40, patience=6, progress=False)
+                                           batch_key=batch_key, pooling=args.pooling, random_state=seed, epochs=40,
+                                           patience=6, progress=False)
             else:
                 clf = scxtrimo.tl.annotate(pool, model=args.model, labels_key=labels_key, freeze=args.finetune_freeze,
                                            pooling=args.pooling, random_state=seed,
@@ -151,7 +158,8 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
                 assert pool.uns["xtrimo"]["annotate"]["split_sizes"]["test"] == len(split["test"])
                 pred = pool.obs["xtrimo_label"].astype(str).to_numpy()[split["test"]]
             else:
-                scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, progress=False)
+                scxtrimo.tl.annotate(test, model=clf, use_rep="X_xtrimo" if probe else None, batch_key=batch_key,
+                                     progress=False)
                 pred = test.obs["xtrimo_label"].astype(str).to_numpy()
             report = pool.uns["xtrimo"]["annotate"]
             extra = {"best_epoch": report["best_epoch"], "pooling": clf.pooling}
@@ -183,7 +191,9 @@ def main():
                     help="encoder learning rate when fine-tuning (default: tl.annotate's)")
     ap.add_argument("--finetune-head-lr", type=float, default=defaults["head_lr"].default,
                     help="head learning rate when fine-tuning, also the warm-start probe's (default: tl.annotate's)")
-    ap.add_argument("--methods", nargs="+", default=["scxtrimo fine-tuned", "scxtrimo linear probe", "PCA + logistic regression", "CellTypist", "CellTypist (SGD)"])
+    ap.add_argument("--methods", nargs="+", default=["scxtrimo fine-tuned", "scxtrimo linear probe",
+                                                     "scxtrimo linear probe (per batch)", "PCA + logistic regression",
+                                                     "CellTypist", "CellTypist (SGD)"])
     tasks = ["pbmc3k", "cellbench", "cellbench transfer", "pbmc transfer"]
     ap.add_argument("--tasks", nargs="+", choices=tasks, default=tasks)
     ap.add_argument("--transfer-train", default="sc_dropseq", help="batch to train on (predicted on all other batches)")
@@ -203,7 +213,7 @@ def main():
 
     pbmc, cb, sorted_ref = None, None, None
     def embed(adata) -> None:
-        if "scxtrimo linear probe" in args.methods:
+        if any(m.startswith("scxtrimo linear probe") for m in args.methods):
             scxtrimo.tl.embed(adata, model=args.model, pooling=args.pooling)
 
     rows = []
@@ -211,13 +221,16 @@ def main():
     for task in args.tasks:
         if task in ("pbmc3k", "pbmc transfer") and pbmc is None:
             pbmc = scxtrimo.datasets.pbmc3k()
+            pbmc.obs[RUN] = "pbmc3k"
             embed(pbmc)
         if task == "pbmc transfer" and sorted_ref is None:
             sorted_ref = ad.read_h5ad(SHARED / "zheng2017_sorted_pbmc_mudan" / "zheng2017_sorted_pbmc_mudan.h5ad")
+            sorted_ref.obs[RUN] = "sorted"  # one batch: its own "batch" column is the sorted population, a cell type
             embed(sorted_ref)
         if task.startswith("cellbench") and cb is None:
             cb = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
             cb = cb[cb.obs["cell_type"] != "doublet"].copy()
+            cb.obs[RUN] = cb.obs["batch"]
             if "cellbench" not in args.tasks:  # the transfer alone: embed only its training and test cells
                 src_types = set(cb.obs.loc[cb.obs["batch"] == args.transfer_train, "cell_type"])
                 cb = cb[cb.obs["cell_type"].isin(src_types)].copy()
