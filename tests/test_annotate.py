@@ -431,3 +431,20 @@ def test_batches_that_are_cell_types_are_warned_about(pbmc3k, tiny_config):
     with pytest.warns(UserWarning, match="100% of the labelled cells are in batches .* a single cell type"):
         scxtrimo.tl.annotate(small, labels_key="cell_type", batch_key="sorted_population",
                              model=XTrimoGene(tiny_config), epochs=1, progress=False)
+
+
+def test_a_per_batch_classifier_needs_more_than_one_query_cell(pbmc3k, tiny_config):
+    """Without batch_key a query is one batch: one cell has no batch statistics, a few are noisy."""
+    small = pbmc3k[:150].copy()
+    small.obs["run"] = "r1"
+    torch.manual_seed(0)
+    clf = scxtrimo.tl.annotate(small, labels_key="cell_type", batch_key="run", model=XTrimoGene(tiny_config),
+                               epochs=1, progress=False)
+    one = pbmc3k[:1].copy()
+    with pytest.raises(ValueError, match="single cell"):
+        scxtrimo.tl.annotate(one, model=clf, progress=False)
+    assert "xtrimo_label" not in one.obs
+    few = pbmc3k[:10].copy()
+    with pytest.warns(UserWarning, match="query \\(no batch_key: one batch\\) with fewer than 50 cells"):
+        scxtrimo.tl.annotate(few, model=clf, progress=False)
+    assert few.uns["xtrimo"]["annotate"]["n_batches"] == 1

@@ -213,29 +213,30 @@ def _batch_standardize(embedding: np.ndarray, batches: np.ndarray | None) -> np.
     return out
 
 
-def _batch_codes(data, batch_key: str | None) -> np.ndarray | None:
-    """Integer codes of ``obs[batch_key]`` (``None`` without a key), checked for batch standardization.
+def _batch_codes(data, batch_key: str | None, *, one_batch: bool = False) -> np.ndarray | None:
+    """Integer codes of ``obs[batch_key]``, checked for batch standardization.
 
-    Raises ``KeyError`` (no such column) or ``ValueError`` (cells without a batch, a batch of
-    one cell); warns about batches of fewer than ``MIN_BATCH_CELLS`` cells.
+    Without a key: ``None``, or with ``one_batch`` all cells as one batch (a query of a
+    classifier trained per batch). Raises ``KeyError`` (no such column) or ``ValueError`` (cells
+    without a batch, a batch of one cell); warns about batches under ``MIN_BATCH_CELLS`` cells.
     """
-    if batch_key is None:
+    if batch_key is None and not one_batch:
         return None
-    if batch_key not in data.obs:
+    if batch_key is not None and batch_key not in data.obs:
         raise KeyError(f"obs[{batch_key!r}] not found; available columns: {list(data.obs.columns)}.")
-    column = data.obs[batch_key]
+    column = data.obs[batch_key] if batch_key is not None else pd.Series("all cells", index=data.obs_names)
+    where = f"obs[{batch_key!r}]" if batch_key is not None else "the query (no batch_key: one batch)"
     if column.isna().any():
-        raise ValueError(f"{int(column.isna().sum())} cells have no batch in obs[{batch_key!r}]; give every cell one "
+        raise ValueError(f"{int(column.isna().sum())} cells have no batch in {where}; give every cell one "
                          "(e.g. the name of its sequencing run or data set).")
     codes, names = pd.factorize(column)
     sizes = pd.Series(np.bincount(codes, minlength=len(names)), index=[str(n) for n in names])
     if (sizes < 2).any():
-        raise ValueError(f"Batches in obs[{batch_key!r}] with a single cell cannot be standardized on their own: "
+        raise ValueError(f"Batches in {where} with a single cell cannot be standardized on their own: "
                          f"{list(sizes.index[sizes < 2])[:5]}. Merge them into a larger batch.")
     if (sizes < MIN_BATCH_CELLS).any():
-        warnings.warn(f"Batches in obs[{batch_key!r}] with fewer than {MIN_BATCH_CELLS} cells give noisy statistics "
-                      f"for batch standardization: {sizes[sizes < MIN_BATCH_CELLS].to_dict()}.", UserWarning,
-                      stacklevel=3)
+        warnings.warn(f"Batches in {where} with fewer than {MIN_BATCH_CELLS} cells give noisy statistics for batch "
+                      f"standardization: {sizes[sizes < MIN_BATCH_CELLS].to_dict()}.", UserWarning, stacklevel=3)
     return codes
 
 
@@ -464,10 +465,10 @@ def annotate(
     freeze
         ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
         an integer ``k`` (Python or NumPy): train only the last ``k`` encoder layers (and the head). ``"auto"``
-        (default): ``"none"`` on CUDA, ``"all"`` on a CPU or with ``batch_key``; on a CPU the probe takes a few minutes
-        on pbmc3k and fine-tuning the last 2 layers about 10, to end within 0.005 macro-F1 of
-        the probe on pbmc3k and on the two transfer tasks measured with the bundled checkpoint
-        (``docs/benchmarks.md``, "Cell-type annotation").
+        (default): ``"none"`` on CUDA, ``"all"`` on a CPU or with ``batch_key``; on a CPU the
+        probe takes a few minutes on pbmc3k and fine-tuning the last 2 layers about 10, to end
+        within 0.005 macro-F1 of the probe on pbmc3k and on the two transfer tasks measured
+        with the bundled checkpoint (``docs/benchmarks.md``, "Cell-type annotation").
     epochs, batch_size, lr, head_lr, patience
         Training schedule: at most ``epochs`` passes, ``batch_size`` cells per optimizer step,
         encoder learning rate ``lr``, head learning rate ``head_lr``, stop after ``patience``
@@ -595,7 +596,7 @@ def annotate(
         if use_rep is not None and model.freeze != "all":
             raise ValueError(f"use_rep={use_rep!r} works with linear-probe classifiers only (freeze='all'); this one "
                              f"was trained with freeze={model.freeze!r}. Drop use_rep.")
-        batches = _batch_codes(data, batch_key)
+        batches = _batch_codes(data, batch_key, one_batch=model.standardization == "batch")
         clf = model.to(dev)
         budget = token_budget(dev, max_tokens, config=clf.backbone.config)
         X, prep = _collect(data, gene_symbols, clf.backbone)
@@ -784,7 +785,7 @@ def _standardization_report(clf: CellTypeClassifier, batch_key: str | None, batc
     """The report's standardization entries (no ``None`` values: ``uns`` must stay writable to .h5ad)."""
     out = {"standardization": clf.standardization}
     if clf.standardization == "batch":
-        out["n_batches"] = 1 if batches is None else len(np.unique(batches))
+        out["n_batches"] = len(np.unique(batches))
     if batch_key is not None:
         out["batch_key"] = batch_key
     return out
