@@ -453,9 +453,9 @@ def annotate(
         ``standardization="batch"``), and a query is then standardized the same way: by its
         own ``batch_key`` column, or as one batch without it. This removes an offset that all
         cells of a protocol share: with the bundled checkpoint it lifts the transfer from
-        Drop-seq to CEL-seq2 runs (cellbench) from macro-F1 0.50 to 0.98. It assumes every
-        batch holds a similar mix of cell types; where the mix differs it costs (sorted PBMC ->
-        pbmc3k: 0.83 -> 0.79), so it is not the default (``docs/benchmarks.md``, "Cell-type
+        Drop-seq to CEL-seq2 runs (cellbench) from macro-F1 0.45 to 0.97 (three seeds). It
+        assumes every batch holds a similar mix of cell types; where the mix differs it costs
+        (sorted PBMC -> pbmc3k: 0.84 -> 0.77), so it is not the default (``docs/benchmarks.md``, "Cell-type
         annotation"). Linear probe only: ``freeze="auto"`` then means ``"all"``. Not in the
         paper.
     model
