@@ -27,18 +27,21 @@ from annotate import PBMC3K_COARSE, SHARED, SORTED_COARSE, coarse, scores
 from sklearn.linear_model import LogisticRegression
 
 import scxtrimo
+from scxtrimo.tl._annotate import _batch_standardize, _moments
 
 
 def standardized(E: np.ndarray, batches: np.ndarray, train: np.ndarray, how: str) -> np.ndarray:
     """``E`` standardized with the training cells' statistics (``"train"``), each batch's own
     (``"batch"``), or centred per batch and scaled by the training cells' sd (``"centre"``)."""
-    sd_train = E[train].std(0) + 1e-6
+    mean_train, sd_train = _moments(E[train])  # what tl.CellTypeClassifier stores
     if how == "train":
-        return (E - E[train].mean(0)) / sd_train
-    out = np.empty_like(E)
+        return (E - mean_train) / sd_train
+    if how == "batch":  # what tl.annotate(batch_key=...) applies
+        return _batch_standardize(E, batches)
+    out = np.empty(E.shape, dtype=np.float32)
     for b in np.unique(batches):
         m = batches == b
-        out[m] = (E[m] - E[m].mean(0)) / (E[m].std(0) + 1e-6 if how == "batch" else sd_train)
+        out[m] = (E[m] - E[m].mean(0)) / sd_train
     return out
 
 

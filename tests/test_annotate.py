@@ -353,8 +353,6 @@ def test_batch_standardize_centres_and_scales_each_batch():
         np.testing.assert_allclose(out[codes == b, :3].mean(0), 0, atol=1e-5)
         np.testing.assert_allclose(out[codes == b, :3].std(0), 1, atol=1e-4)
     np.testing.assert_array_equal(out[:, 3], 0)
-    # None: one batch, as a query without batch_key
-    np.testing.assert_allclose(_batch_standardize(emb, None), _batch_standardize(emb, np.zeros(100, int)))
 
 
 def test_batch_key_is_checked_before_anything_is_written(pbmc3k, tiny_config):

@@ -197,14 +197,14 @@ def _moments(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return e.mean(0).astype(np.float32), scale.astype(np.float32)
 
 
-def _batch_standardize(embedding: np.ndarray, batches: np.ndarray | None) -> np.ndarray:
+def _batch_standardize(embedding: np.ndarray, batches: np.ndarray) -> np.ndarray:
     """``(n, d)`` embedding with each batch standardized on its own (every feature mean 0, sd 1).
 
-    ``batches``: ``(n,)`` integer batch codes from :func:`_batch_codes` (``None``: one batch).
-    This is what a classifier with ``standardization="batch"`` applies before its linear layer.
+    ``batches``: ``(n,)`` batch labels, e.g. the codes from :func:`_batch_codes`. This is what a
+    classifier with ``standardization="batch"`` applies before its linear layer.
     """
     emb = np.asarray(embedding)
-    codes = np.zeros(len(emb), dtype=np.int64) if batches is None else np.asarray(batches)
+    codes = np.asarray(batches)
     out = np.empty(emb.shape, dtype=np.float32)
     for b in np.unique(codes):
         rows = codes == b
