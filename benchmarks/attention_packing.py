@@ -3,28 +3,33 @@
 The same encoder weights (xtrimo-10m shape, 4 layers, width 256) run over the same real cells
 (pbmc3k, log1p CP10k, their expressed genes) in these ways:
 
-* ``per cell``: one cell per call, no padding at all (the authors' embedding loop);
-* ``bucketed``: cells sorted by length and cut to a token budget, padded within a batch and
-  masked (``tl.embed``'s path), at the CPU and the CUDA default budgets;
+* ``per cell``: one cell per call, no padding at all (the authors' embedding loop), on the first
+  ``--per-cell-cells`` cells; the same loop in fp32 is the reference of every path;
+* ``bucketed``: cells sorted by length and cut to a token budget (``--budgets``), padded within
+  a batch to the longest cell or to the width grid (``tl.embed``'s path on CUDA: a bounded set
+  of batch shapes), and masked;
 * ``one padded batch``: every cell padded to the longest (no bucketing);
 * ``nested jagged``: ``torch.nested`` jagged tensors through SDPA (varlen, no padding), the
   cells in chunks of at most ``--nested-tokens`` tokens;
 * ``per cell, torch.compile``: the per-cell loop with the encoder compiled (``dynamic=True``,
-  as cell lengths vary; compilation time reported, not timed; ``--no-compile`` skips it);
+  as cell lengths vary; ``--no-compile`` skips it);
 * ``FlexAttention packed``: cells concatenated into fixed-size packs with a block-diagonal
   (document) mask, ``torch.nn.attention.flex_attention`` under ``torch.compile``.
 
 The packed paths (nested jagged, FlexAttention) start, like the bucketed ones, from the CSR
 rows: their token embeddings are computed from all cells' concatenated genes and values inside
 the timed region, and their max pooling is one segment reduction. Each way is checked against
-the per-cell outputs (max |difference| of the max-pooled embeddings), timed (best of
-``--repeats``), and its padding share reported. ``--device cuda`` runs the same paths on a GPU
-under bf16 autocast (``tl.embed``'s CUDA setting), where the nested-jagged path can use the
-fused varlen (flash) kernel. ``--corpus runs/corpus.xtc`` reads pbmc3k from the packed corpus
-(no anndata needed, e.g. on a GPU machine); ``--json`` writes the rows.
+the fp32 per-cell outputs (max |difference| of the max-pooled embeddings), timed on its first
+pass (what new shapes cost: cuDNN attention builds a plan per batch shape on CUDA, compiled
+paths compile) and as the best of ``--repeats`` later passes, and its padding share reported.
+``--device cuda`` runs the same paths on a GPU under bf16 autocast (``tl.embed``'s CUDA
+setting), where the nested-jagged path can use the fused varlen (flash) kernel. ``--corpus
+runs/corpus.xtc`` reads pbmc3k from the packed corpus (no anndata needed, e.g. on a GPU
+machine); ``--json`` writes the rows after each one (a run stopped at a time limit keeps them).
 
     python benchmarks/attention_packing.py --cells 128
-    python benchmarks/attention_packing.py --device cuda --cells 2637 --corpus runs/corpus.xtc --no-compile
+    python benchmarks/attention_packing.py --device cuda --cells 2637 --corpus runs/corpus.xtc --no-compile \
+        --per-cell-cells 200 --budgets 16384 65536 151552
 """
 
 from __future__ import annotations
@@ -41,32 +46,40 @@ import torch.nn.functional as F
 
 import scxtrimo.models
 from scxtrimo._device import autocast
-from scxtrimo.data._batching import csr_row_batch, length_batches, padding_fraction
+from scxtrimo.data._batching import csr_row_batch, grid_width, length_batches
 
 
 def timed(fn, repeats: int, device: torch.device):
-    out, best = None, float("inf")
-    for _ in range(repeats):
+    """``fn``'s output and its best time over ``repeats`` calls after a first call, timed apart
+    (``first``: what new shapes cost, e.g. cuDNN attention plans built per shape on CUDA)."""
+    out, first, best = None, None, float("inf")
+    for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return out, best
+        if i == 0:
+            first = time.perf_counter() - t
+        else:
+            best = min(best, time.perf_counter() - t)
+    return out, best, first
 
 
 def per_cell(model, X, device):
     return torch.cat([model.embed_cells(csr_row_batch(X, np.array([i])).to(device)).float() for i in range(X.shape[0])])
 
 
-def bucketed(model, X, budget, device):
-    batches = length_batches(np.diff(X.indptr), max_cells=256, max_tokens=budget)
+def bucketed(model, X, budget, device, grid: bool = False):
+    """Length-bucketed batches (padded to the longest cell, or to the width grid as tl.embed on CUDA)."""
+    lengths = np.diff(X.indptr)
+    batches = length_batches(lengths, max_cells=256, max_tokens=budget, grid=grid)
     out = torch.empty(X.shape[0], model.embedding_dim, device=device)
     for rows in batches:
-        out[torch.from_numpy(rows).to(device)] = model.embed_cells(csr_row_batch(X, rows).to(device)).float()
-    return out, padding_fraction(np.diff(X.indptr), batches)
+        out[torch.from_numpy(rows).to(device)] = model.embed_cells(csr_row_batch(X, rows, grid=grid).to(device)).float()
+    width = (lambda b: grid_width(lengths[b].max())) if grid else (lambda b: max(int(lengths[b].max()), 1))
+    return out, 1.0 - lengths.sum() / sum(len(b) * width(b) for b in batches)
 
 
 def flat_tokens(model, X, device):
@@ -179,45 +192,72 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast as in tl.embed)")
     ap.add_argument("--corpus", default=None, help="read pbmc3k from this packed corpus (no anndata needed)")
     ap.add_argument("--no-compile", action="store_true", help="skip the per-cell torch.compile row")
-    ap.add_argument("--json", default=None, help="also write the rows and the verdict here")
+    ap.add_argument("--per-cell-cells", type=int, default=None,
+                    help="cells of the per-cell rows, the reference of every max abs diff (default: all; on CUDA "
+                         "each new length is a new cuDNN attention plan, so keep it small there)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[4_096, 16_384, 262_144],
+                    help="token budgets of the bucketed rows (each tight and on the width grid)")
+    ap.add_argument("--json", default=None, help="also write the rows and the verdict here (after every row)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device(args.device)
     model = scxtrimo.models.XTrimoGene(args.model).eval().to(dev)
     X = load_pbmc3k(args.cells, args.corpus)
     lengths = np.diff(X.indptr)
+    k = min(args.per_cell_cells or X.shape[0], X.shape[0])
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     print(f"{X.shape[0]} pbmc3k cells, {lengths.sum():,} tokens (median {int(np.median(lengths))}, "
           f"max {lengths.max()}), {args.model}, {gpu or dev}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n", flush=True)
+          f"torch {torch.__version__}; per-cell rows on the first {k} cells\n", flush=True)
     rows, errors = [], {}
 
-    def add(name, kind, t, pad, diff, note=None):
-        rows.append({"path": name, "kind": kind, "seconds": t, "cells_per_s": X.shape[0] / t,
-                     "tokens_per_s": float(lengths.sum() / t), "padding": pad, "max_abs_diff": diff, "note": note})
+    def write():
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "model": args.model, "cells": int(X.shape[0]), "tokens": int(lengths.sum()), "device": str(dev),
+                "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
+                "per_cell_cells": k, "pack": args.pack, "nested_tokens": args.nested_tokens, "rows": rows,
+                "errors": errors, "verdict": compare(rows)}, indent=1, default=float) + "\n")
+
+    def add(name, kind, t, pad, diff, first=None, note=None, cells=None):
+        cells = cells or X.shape[0]
+        tokens = lengths[:cells].sum()
+        rows.append({"path": name, "kind": kind, "cells": cells, "seconds": t, "cells_per_s": cells / t,
+                     "tokens_per_s": float(tokens / t), "first_seconds": first,
+                     "first_cells_per_s": cells / first if first else None, "padding": pad, "max_abs_diff": diff,
+                     "note": note})
+        print(f"{name}: {cells / t:,.1f} cells/s (first pass {cells / first if first else float('nan'):,.1f}), "
+              f"padding {pad:.1%}, max abs diff {diff:.2g}", flush=True)
+        write()
 
     def failed(name, kind, e):
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         errors[name] = msg
-        add(name, kind, float("nan"), float("nan"), float("nan"), msg)
+        add(name, kind, float("nan"), float("nan"), float("nan"), note=msg)
         print(f"{name} unavailable here: {msg}", flush=True)
+
+    def diff(out):
+        return float((out[:k] - ref).abs().max())
 
     with torch.inference_mode(), autocast(dev):
         per_cell_repeats = args.per_cell_repeats or args.repeats
-        per_cell(model, X[:4], dev)  # warm-up (cuBLAS handles, first kernels): not timed
-        ref, t_ref = timed(lambda: per_cell(model, X, dev), per_cell_repeats, dev)
-        add("per cell (batch 1)", "per cell", t_ref, 0.0, 0.0)
-        for budget in (4_096, 16_384, 262_144):
-            (out, pad), t = timed(lambda: bucketed(model, X, budget, dev), args.repeats, dev)
-            add(f"bucketed, {budget:,} tokens/batch", "bucketed", t, pad, float((out - ref).abs().max()))
-        (out, pad), t = timed(lambda: bucketed(model, X[np.random.default_rng(0).permutation(X.shape[0])], 10**9, dev),
-                              args.repeats, dev)
-        add("one padded batch", "padded", t, pad, float("nan"))
+        with torch.autocast(dev.type, enabled=False):  # the fp32 reference (no per-shape kernel plans)
+            ref = per_cell(model, X[:k], dev)
+        for budget in args.budgets:
+            for grid in (False, True):
+                (out, pad), t, first = timed(lambda: bucketed(model, X, budget, dev, grid), args.repeats, dev)
+                add(f"bucketed, {budget:,} tokens/batch{', width grid' if grid else ''}", "bucketed", t, pad,
+                    diff(out), first)
+        out, t, first = timed(lambda: per_cell(model, X[:k], dev), per_cell_repeats, dev)
+        add("per cell (batch 1)", "per cell", t, 0.0, diff(out), first, cells=k)
+        (out, pad), t, first = timed(
+            lambda: bucketed(model, X[np.random.default_rng(0).permutation(X.shape[0])], 10**9, dev), args.repeats, dev)
+        add("one padded batch", "padded", t, pad, float("nan"), first)
     name = f"nested jagged SDPA, {args.nested_tokens:,} tokens/call"
     try:
         with torch.no_grad(), autocast(dev):
-            out, t = timed(lambda: nested(model, X, dev, args.nested_tokens), args.repeats, dev)
-        add(name, "packed", t, 0.0, float((out - ref).abs().max()))
+            out, t, first = timed(lambda: nested(model, X, dev, args.nested_tokens), args.repeats, dev)
+        add(name, "packed", t, 0.0, diff(out), first)
     except Exception as e:  # no CPU kernel ("No viable backend"), unsupported op, ...
         failed(name, "packed", e)
     if not args.no_compile:
@@ -225,12 +265,9 @@ def main():
         try:
             model.encoder = torch.compile(encoder, dynamic=True)
             with torch.no_grad(), autocast(dev):
-                t0 = time.perf_counter()
-                per_cell(model, X[:2], dev)
-                compile_s = time.perf_counter() - t0
-                out, t = timed(lambda: per_cell(model, X, dev), per_cell_repeats, dev)
-            add(f"per cell, torch.compile (compile {compile_s:.0f} s, not timed)", "per cell", t, 0.0,
-                float((out - ref).abs().max()))
+                out, t, first = timed(lambda: per_cell(model, X[:k], dev), per_cell_repeats, dev)
+            add(f"per cell, torch.compile (first pass {first:.0f} s, compilation included)", "per cell", t, 0.0,
+                diff(out), first, cells=k)
         except Exception as e:
             failed("per cell, torch.compile", "per cell", e)
         finally:
@@ -240,30 +277,23 @@ def main():
 
         compiled = torch.compile(flex_attention)
         with torch.no_grad(), autocast(dev):
-            t0 = time.perf_counter()
-            flex_packed(model, X[:2], dev, compiled, args.pack)
-            compile_s = time.perf_counter() - t0
-            out, t = timed(lambda: flex_packed(model, X, dev, compiled, args.pack), args.repeats, dev)
+            out, t, first = timed(lambda: flex_packed(model, X, dev, compiled, args.pack), args.repeats, dev)
         n_packs = len(token_chunks(X.indptr, args.pack))
-        add(f"FlexAttention, packs of {args.pack:,} tokens (compile {compile_s:.0f} s, not timed)", "packed", t,
-            max(0.0, 1 - lengths.sum() / (n_packs * args.pack)), float((out - ref).abs().max()))
+        add(f"FlexAttention, packs of {args.pack:,} tokens (first pass {first:.0f} s, compilation included)", "packed",
+            t, max(0.0, 1 - lengths.sum() / (n_packs * args.pack)), diff(out), first)
     except Exception as e:  # no C++ toolchain, unsupported device, ...
         failed("FlexAttention packed", "packed", e)
 
-    print("| path | seconds | cells/s | real tokens/s | padding | max abs diff vs per cell |")
-    print("|---|---|---|---|---|---|")
+    print("\n| path | cells | seconds | cells/s | first pass cells/s | real tokens/s | padding | max abs diff vs fp32 per cell |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['seconds']:.3f} | {r['cells_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+        print(f"| {r['path']} | {r['cells']} | {r['seconds']:.3f} | {r['cells_per_s']:,.1f} | "
+              f"{r['first_cells_per_s'] or float('nan'):,.1f} | {r['tokens_per_s']:,.0f} | "
               f"{r['padding']:.1%} | {r['max_abs_diff']:.2g} |")
     verdict = compare(rows)
     if verdict:
         print(f"\n{verdict['text']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "model": args.model, "cells": int(X.shape[0]), "tokens": int(lengths.sum()), "device": str(dev),
-            "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
-            "pack": args.pack, "nested_tokens": args.nested_tokens, "rows": rows, "errors": errors,
-            "verdict": verdict}, indent=1, default=float) + "\n")
+    write()
 
 
 def compare(rows: list[dict]) -> dict | None:

@@ -15,14 +15,14 @@
 # --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock)
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
-# with timeout_s=320.
+# with timeout_s=360 (its last step, DDP, only runs on several GPUs).
 #
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
 #
 #   SMOKE=1 bash benchmarks/device.sh          # or: bash benchmarks/device.sh --smoke
 #
-# Steps, each under its own time limit (150 + 100 + 90 s, and 120 s for DDP on several GPUs) so
-# that the call always ends with its files, in about 6.5 minutes at worst:
+# Steps, each under its own time limit (200 + 150 + 90 s, and 120 s for DDP on several GPUs) so
+# that the call always ends with its files, in about 8 minutes at worst (about 4.5 expected):
 #   figures    benchmarks/device_figures.py: embedding cells/s and speed-up over the authors' path
 #              (xtrimo-10m, xtrimo-100m), peak GPU memory of xtrimo-100m at 2,000 genes, MFU of
 #              full-length-decoder training steps (xtrimo-10m, xtrimo-100m), profiles of misses
@@ -132,16 +132,16 @@ main() {
     tests_limit=300
     step figures 300 "$PY" benchmarks/device_figures.py --smoke --device cpu --corpus "$CORPUS" --out "$OUT"
     step attention 300 "$PY" benchmarks/attention_packing.py --device cpu --cells 8 --repeats 1 --pack 4096 \
-      --no-compile --corpus "$CORPUS" --json "$OUT/attention.json"
+      --budgets 4096 --no-compile --corpus "$CORPUS" --json "$OUT/attention.json"
   else
     if [ "$ngpu" = 0 ]; then
       echo "FATAL: torch sees no CUDA device (SMOKE=1 runs the CPU check)"
       "$PY" benchmarks/device_summary.py "$OUT" --step setup=3:0
       return 3
     fi
-    step figures 150 "$PY" benchmarks/device_figures.py --device cuda --corpus "$CORPUS" --out "$OUT"
-    step attention 100 "$PY" benchmarks/attention_packing.py --device cuda --cells 2637 --repeats 3 --per-cell-repeats 1 \
-      --no-compile \
+    step figures 200 "$PY" benchmarks/device_figures.py --device cuda --corpus "$CORPUS" --out "$OUT"
+    step attention 150 "$PY" benchmarks/attention_packing.py --device cuda --cells 2637 --repeats 3 --per-cell-repeats 1 \
+      --per-cell-cells 100 --budgets 16384 65536 151552 --no-compile \
       --corpus "$CORPUS" --json "$OUT/attention.json"
   fi
   step tests "$tests_limit" "$PY" -m pytest -p no:cacheprovider --noconftest -m cuda -q -rA tests/test_cuda.py \

@@ -7,9 +7,15 @@ inference mode, bf16 autocast and CUDA defaults) and a training step is the one 
 ``scxtrimo._train_corpus`` (the GPU pretraining loop of ``scripts/train_device.py``). Models
 have random weights (seed 0).
 
+* **shapes** (first, so that its cold passes are the process's first encoder calls): xtrimo-10m
+  over ``--shape-cells`` cells of the largest corpus set other than pbmc3k, the first pass and
+  later passes of ``tl.embed``'s loop, batches padded tightly or to the width grid (CUDA's
+  default), under torch's default attention kernel (cuDNN on an H100/H200: a plan per new batch
+  shape) and under the memory-efficient kernel alone.
 * **embed**: xtrimo-10m and xtrimo-100m over every pbmc3k cell (log1p CP10k from the corpus's
   counts; that normalization is timed, as ``tl.embed`` times its own), median cells/s of
-  ``--repeats`` passes after one warm-up pass; the same model's authors' path (one cell at a
+  ``--repeats`` passes after one first pass (timed on its own: the cost of new batch shapes);
+  the loop alone at the other ``--embed-budgets``; the same model's authors' path (one cell at a
   time, fp32, the dense 19,266-long input per cell: ``embed_throughput.authors_embed``) on the
   first ``--authors-cells`` cells in the same process; speed-up; MFU (encoder FLOPs of the real
   tokens, ``embed_throughput.encoder_flops``); agreement of the two embeddings (cosine).
@@ -36,6 +42,7 @@ kernels and operators by GPU time, and how busy the GPU was) goes into ``profile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -217,7 +224,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def embed_figures(corpus, name: str, dev: torch.device, *, cells: int | None, repeats: int, authors_cells: int,
-                  peaks: dict) -> dict:
+                  peaks: dict, budgets: list[int] = ()) -> dict:
     rows = corpus.rows(source="pbmc3k")[:cells]
     model = build(name, dev).eval()
     X = corpus.model_input(rows)
@@ -232,10 +239,20 @@ def embed_figures(corpus, name: str, dev: torch.device, *, cells: int | None, re
         return loop(corpus.model_input(rows))
 
     free(dev)
-    emb = end_to_end()  # warm-up: cuBLAS handles, kernel choice for every bucket shape
+    # the first pass, timed: cuBLAS handles, kernel choice and cuDNN attention plans for every new
+    # batch shape (what a user's first tl.embed call in a process pays)
+    emb, first = timed(end_to_end, dev)
     e2e = [timed(end_to_end, dev)[1] for _ in range(repeats)]
     only = [timed(lambda: loop(X), dev)[1] for _ in range(repeats)]
     mem = peak_memory(dev)
+    other = {}
+    for b in budgets:  # the loop at other token budgets (one untimed pass first: their own shapes)
+        if b == budget:
+            continue
+        embed_matrix(model, X, idx, "max", dev, max_cells=cells_b, max_tokens=b)
+        t_b = [timed(lambda: embed_matrix(model, X, idx, "max", dev, max_cells=cells_b, max_tokens=b), dev)[1]
+               for _ in range(repeats)]
+        other[str(b)] = len(rows) / float(np.median(t_b))
     k = min(authors_cells, len(rows))
     authors_embed(model, corpus.model_input(rows[:2]), dev)  # warm-up
     emb_a, t_a = timed(lambda: authors_embed(model, corpus.model_input(rows[:k]), dev), dev)
@@ -246,8 +263,10 @@ def embed_figures(corpus, name: str, dev: torch.device, *, cells: int | None, re
         "model": name, "gpu": gpu_name(dev), "cells": len(rows), "tokens": int(lengths.sum()),
         "mean_genes": float(lengths.mean()), "max_cells": cells_b, "max_tokens": budget,
         "batches": len(length_batches(lengths, max_cells=cells_b, max_tokens=budget)), "repeats": repeats,
+        "first_pass_seconds": first, "first_pass_cells_per_s": len(rows) / first,
         "seconds": e2e, "cells_per_s": len(rows) / t, "cells_per_s_best": len(rows) / min(e2e),
         "loop_seconds": only, "loop_cells_per_s": len(rows) / float(np.median(only)),
+        "loop_cells_per_s_at_budget": other,
         "authors_cells": k, "authors_seconds": t_a, "authors_cells_per_s": k / t_a,
         "speedup": (len(rows) / t) / (k / t_a),
         "encoder_tflop_per_s": flops / t / 1e12,
@@ -257,11 +276,70 @@ def embed_figures(corpus, name: str, dev: torch.device, *, cells: int | None, re
         **mem,
     }
     log(f"embed {name} on {out['gpu']}: {out['cells_per_s']:,.0f} cells/s end to end ({out['loop_cells_per_s']:,.0f} "
-        f"the loop alone), authors {out['authors_cells_per_s']:,.1f} cells/s, speed-up {out['speedup']:.1f}x, "
+        f"the loop alone, first pass {out['first_pass_cells_per_s']:,.0f}, other budgets {other}), authors {out['authors_cells_per_s']:,.1f} cells/s, speed-up {out['speedup']:.1f}x, "
         f"{out['encoder_tflop_per_s']:.1f} TFLOP/s, peak {mem['peak_allocated_gb']} GB, cosine >= {cos.min():.4f}")
     out["_profile"] = lambda: profile(f"embed {name}: one tl.embed-equivalent pass over {len(rows)} pbmc3k cells",
                                       end_to_end, dev)
     return out, model
+
+
+# ---- batch shapes ---------------------------------------------------------------------------
+def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: int) -> dict:
+    """The first (cold) and later (warm) passes of ``tl.embed``'s loop over cells of a data set
+    this process has not embedded, with batches padded tightly or to the width grid
+    (``_inference.GRID_WIDTHS``), under torch's default attention kernel choice and under the
+    memory-efficient kernel alone (no per-shape plans). On CUDA the default is cuDNN attention,
+    which builds a plan for every new batch shape; the grid bounds the number of shapes."""
+    import scxtrimo._inference as inference
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sizes = {name: len(corpus.rows(source=name)) for name in corpus.sources if name != "pbmc3k"}
+    other = max(sizes, key=sizes.get)
+    rows = np.sort(np.random.default_rng(0).permutation(corpus.rows(source=other))[:cells])
+    X = corpus.model_input(rows)
+    lengths = np.diff(X.indptr)
+    idx = np.arange(len(rows))
+    model = build(name, dev).eval()
+    mc, budget = batch_cells(dev), token_budget(dev, config=model.config)
+    alternative = "EFFICIENT_ATTENTION" if dev.type == "cuda" else "MATH"
+    runs, ref = [], None
+    saved = dict(inference.GRID_WIDTHS)
+    try:
+        for backend in (None, alternative):
+            for grid in (False, True):
+                inference.GRID_WIDTHS[dev.type] = grid
+                with sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext():
+                    def loop():
+                        return embed_matrix(model, X, idx, "max", dev, max_cells=mc, max_tokens=budget)
+
+                    emb, cold = timed(loop, dev)
+                    warm = [timed(loop, dev)[1] for _ in range(repeats)]
+                batches = inference.device_batches(lengths, dev, max_cells=mc, max_tokens=budget)
+                widths = [length_batches_width(lengths[b], grid) for b in batches]
+                ref = emb if ref is None else ref
+                runs.append({"grid": grid, "attention": backend or "default", "batches": len(batches),
+                             "shapes": len({(len(b), w) for b, w in zip(batches, widths)}),
+                             "padding": 1 - lengths.sum() / sum(len(b) * w for b, w in zip(batches, widths)),
+                             "first_pass_s": cold, "warm_s": float(np.median(warm)),
+                             "first_pass_cells_per_s": len(rows) / cold,
+                             "warm_cells_per_s": len(rows) / float(np.median(warm)),
+                             "cosine_to_first_min": float(cosine_rows(emb, ref).min())})
+                log(f"shapes {name} on {gpu_name(dev)}: grid={grid} attention={backend or 'default'}: "
+                    f"{runs[-1]['shapes']} shapes in {runs[-1]['batches']} batches, padding {runs[-1]['padding']:.1%}, "
+                    f"first pass {cold:.2f} s, warm {runs[-1]['warm_s']:.3f} s")
+    finally:
+        inference.GRID_WIDTHS.clear()
+        inference.GRID_WIDTHS.update(saved)
+    return {"model": name, "gpu": gpu_name(dev), "source": other, "cells": len(rows),
+            "mean_genes": float(lengths.mean()), "max_cells": mc, "max_tokens": budget, "runs": runs}
+
+
+def length_batches_width(lengths: np.ndarray, grid: bool) -> int:
+    """The padded width of a batch of cells of ``lengths`` tokens (tight, or on the grid)."""
+    from scxtrimo.data._batching import grid_width
+
+    longest = max(int(lengths.max()), 1)
+    return grid_width(longest) if grid else longest
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -450,7 +528,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/device_smoke"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device (a CPU check of every code path)")
-    ap.add_argument("--sections", nargs="+", default=["memory", "embed", "pretrain"])
+    ap.add_argument("--sections", nargs="+", default=["shapes", "memory", "embed", "pretrain"])
+    ap.add_argument("--shape-model", default="xtrimo-10m")
+    ap.add_argument("--shape-cells", type=int, default=4000, help="cells of the largest non-pbmc3k corpus set")
+    ap.add_argument("--embed-budgets", type=int, nargs="+", default=[262_144, 65_536],
+                    help="other token budgets timed for each embed model (the loop alone)")
     ap.add_argument("--embed-models", nargs="+", default=["xtrimo-10m", "xtrimo-100m"])
     ap.add_argument("--embed-cells", type=int, default=None, help="pbmc3k cells (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -467,6 +549,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:  # every code path at sizes a 2-core CPU runs in about a minute
         args.embed_models, args.embed_cells, args.repeats, args.authors_cells = ["xtrimo-3m"], 24, 1, [3]
+        args.shape_model, args.shape_cells, args.embed_budgets = "xtrimo-3m", 12, [1024]
         args.memory_model, args.memory_genes, args.memory_cells, args.memory_budgets = "xtrimo-3m", 300, 6, [1024]
         args.pretrain_models, args.pretrain_batch, args.warmup, args.steps = ["xtrimo-3m"], [2], 1, 1
     out = Path(args.out)
@@ -490,7 +573,7 @@ def main(argv=None) -> None:
     tc = time.perf_counter()
     corpus = load_corpus(args.corpus)
     log(f"corpus {args.corpus}: {len(corpus)} cells, loaded in {time.perf_counter() - tc:.1f} s")
-    figures = {"env": env, "embed": {}, "pretrain": {}, "memory": None, "errors": {}}
+    figures = {"env": env, "shapes": None, "embed": {}, "pretrain": {}, "memory": None, "errors": {}}
     path = out / "figures.json"
 
     def write():
@@ -516,6 +599,11 @@ def main(argv=None) -> None:
             free(dev)
             return None
 
+    if "shapes" in args.sections:  # first: the cold passes must be this process's first encoder calls
+        figures["shapes"] = run("shapes", args.shape_model, lambda: shape_figures(
+            corpus, args.shape_model, dev, cells=args.shape_cells, repeats=args.repeats))
+        write()
+        free(dev)
     if "memory" in args.sections:
         r = run("memory", args.memory_model, lambda: memory_figures(
             corpus, args.memory_model, dev, genes=args.memory_genes, cells=args.memory_cells,
@@ -531,7 +619,8 @@ def main(argv=None) -> None:
     if "embed" in args.sections:
         for name, k in zip(args.embed_models, args.authors_cells * len(args.embed_models)):
             res = run("embed", name, lambda: embed_figures(corpus, name, dev, cells=args.embed_cells,
-                                                           repeats=args.repeats, authors_cells=k, peaks=peaks))
+                                                           repeats=args.repeats, authors_cells=k, peaks=peaks,
+                                                           budgets=args.embed_budgets))
             if res is not None:
                 r, model = res
                 figures["embed"][name] = r

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
         "env": figures.get("env"),
         "targets": figures.get("targets", []),
         "attention": attention.get("verdict"),
+        "shapes": figures.get("shapes"),
         "tests": tests(out / "pytest.xml"),
         "ddp": ddp,
         "steps": steps,
@@ -81,6 +82,10 @@ def main(argv=None) -> int:
         print(f"| {t['what']} | {val} | {t['target']} | {t['met']} |")
     a = summary["attention"]
     print(f"| bucketing vs packed varlen attention | {a['text'] if a else attention.get('missing') or 'n/a'} | which wins | - |")
+    for r in (summary["shapes"] or {}).get("runs", []):
+        print(f"| batch shapes ({summary['shapes']['model']}, {summary['shapes']['cells']} {summary['shapes']['source']} "
+              f"cells): grid {r['grid']}, attention {r['attention']} | {r['shapes']} shapes, first pass "
+              f"{r['first_pass_cells_per_s']:,.0f} cells/s, warm {r['warm_cells_per_s']:,.0f} | - | - |")
     te = summary["tests"]
     if "missing" in te:
         print(f"| CUDA tests | {te['missing']} | pass | False |")

@@ -6,7 +6,6 @@ predictions and the training scripts' evaluations. It needs torch, NumPy and Sci
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -18,14 +17,26 @@ from ._oom import halve_rows_on_oom
 from ._validation import check_positive
 from .data._batching import TokenBatch, csr_row_batch, length_batches
 
-#: Default encoder token budget per batch (cells x longest cell), by device type.
+#: Default encoder token budget per batch (cells x padded width), by device type; on CUDA the
+#: most, for encoders narrow enough (``token_budget``).
 MAX_TOKENS = {"cpu": 4_096, "cuda": 262_144}
+#: GPU memory (bytes) the activations of a default CUDA batch may take; with xtrimo-100m's
+#: 0.49 GB of float32 weights, tl.embed's peak stays near 1.7 GB (issue: below 2 GB at 2,000 genes).
+ACTIVATION_BYTES = 1.25e9
+#: Activation bytes per token and per unit of feed-forward width (``enc_dim x enc_ff_mult``, the
+#: widest activation) of tl.embed under bf16 autocast, measured on an NVIDIA H200: 7.9 for
+#: xtrimo-100m (peak 2.07 GB at 65,536 tokens, 0.88 GB at 16,384), 8.1 for xtrimo-10m.
+BYTES_PER_FF_UNIT = 8
+#: CUDA default budgets are multiples of this many tokens.
+BUDGET_STEP = 4_096
 #: Default most cells per encoder batch, by device type. On CPU one cell per call is fastest
 #: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
 #: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
 BATCH_CELLS = {"cpu": 1, "cuda": 256}
-#: Feed-forward width (``enc_dim x enc_ff_mult``) for which ``MAX_TOKENS`` is set: xtrimo-10m's.
-REFERENCE_FF_WIDTH = 1_024
+#: Whether batches are padded to the width grid (``data._batching.grid_width``), by device type.
+#: On CUDA a bounded set of batch shapes lets per-shape kernel plans (cuDNN attention's graphs)
+#: be reused; on the CPU the extra padding would only cost (one unpadded cell per call is fastest).
+GRID_WIDTHS = {"cpu": False, "cuda": True}
 #: Batches whose results wait on the device before one copy to the host, by device type (a copy
 #: to the host waits for the device, so on CUDA the host prepares later batches meanwhile).
 PENDING_BATCHES = {"cpu": 1, "cuda": 16}
@@ -37,23 +48,32 @@ def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
     return int(batch_size) if batch_size is not None else BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
 
 
+def on_grid(device: torch.device) -> bool:
+    """Whether encoder batches on ``device`` are padded to the width grid (``GRID_WIDTHS``)."""
+    return GRID_WIDTHS.get(device.type, False)
+
+
+def device_batches(lengths: np.ndarray, device: torch.device, *, max_cells: int, max_tokens: int) -> list[np.ndarray]:
+    """:func:`~scxtrimo.data._batching.length_batches` of cells of ``lengths`` tokens for ``device``
+    (counting each batch's padded width on the grid where ``device`` pads to it)."""
+    return length_batches(lengths, max_cells=max_cells, max_tokens=max_tokens, grid=on_grid(device))
+
+
 def token_budget(device: torch.device, max_tokens: int | None = None, *, config=None) -> int:
     """``max_tokens`` if given, else the default encoder token budget for ``device``.
 
-    With a model ``config`` on CUDA, the budget shrinks for encoders whose feed-forward layer
-    (``enc_dim x enc_ff_mult``, the largest activation per token) is wider than
-    ``REFERENCE_FF_WIDTH``, in proportion and rounded down to a power of two, so that a batch's
-    activations stay about the same size: 262,144 tokens up to xtrimo-10m, 65,536 for
-    xtrimo-100m and the authors' released 100M model.
+    With a model ``config`` on CUDA, the budget is what keeps a batch's activations within
+    ``ACTIVATION_BYTES`` (``BYTES_PER_FF_UNIT`` bytes per token and feed-forward unit), rounded
+    down to a multiple of ``BUDGET_STEP`` and at most ``MAX_TOKENS["cuda"]``: 262,144 tokens for
+    xtrimo-3m, 151,552 for xtrimo-10m, 49,152 for xtrimo-100m and the authors' released 100M model.
     """
     check_positive("max_tokens", max_tokens, integer=True, optional=True)
     if max_tokens is not None:
         return int(max_tokens)
     budget = MAX_TOKENS.get(device.type, MAX_TOKENS["cpu"])
     if device.type == "cuda" and config is not None:
-        ff = config.enc_dim * config.enc_ff_mult
-        if ff > REFERENCE_FF_WIDTH:
-            budget = 1 << int(math.log2(budget * REFERENCE_FF_WIDTH / ff))
+        fits = ACTIVATION_BYTES / (BYTES_PER_FF_UNIT * config.enc_dim * config.enc_ff_mult)
+        budget = min(budget, max(BUDGET_STEP, int(fits) // BUDGET_STEP * BUDGET_STEP))
     return budget
 
 
@@ -76,7 +96,7 @@ def run_rows(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, devi
     """
 
     def run(part: np.ndarray) -> torch.Tensor:
-        batch = csr_row_batch(X, part).to(device, non_blocking=True)
+        batch = csr_row_batch(X, part, grid=on_grid(device)).to(device, non_blocking=True)
         with torch.inference_mode(), autocast(device):
             return fn(batch).float()
 
@@ -121,7 +141,7 @@ def map_cells(fn: Callable[[TokenBatch], torch.Tensor], X, rows: np.ndarray, dev
     (results copied to the host every ``pending`` batches, see :class:`RowSink`)."""
     out = np.empty((len(rows), width), dtype=np.float32)
     sink = RowSink(out, device, pending)
-    for b in length_batches(np.diff(X.indptr)[rows], max_cells=max_cells, max_tokens=max_tokens):
+    for b in device_batches(np.diff(X.indptr)[rows], device, max_cells=max_cells, max_tokens=max_tokens):
         b = np.sort(b)
         sink.add(b, run_rows(fn, X, rows[b], device))
     sink.flush()

@@ -12,6 +12,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+#: Padded widths on the grid of :func:`grid_width`: this many widths per doubling of length
+#: (so at most 12.5% of a batch's width is grid padding), and no step below ``MIN_GRID_STEP``.
+GRID_STEPS_PER_OCTAVE = 8
+MIN_GRID_STEP = 16
+
 
 class TokenBatch(NamedTuple):
     """Padded encoder input for ``B`` cells of at most ``L`` expressed genes.
@@ -33,11 +38,27 @@ class TokenBatch(NamedTuple):
         return int(self.valid.sum())
 
 
-def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray) -> TokenBatch:
+def grid_width(longest: int) -> int:
+    """The padded width of a batch whose longest cell has ``longest`` tokens, on a fixed grid.
+
+    ``longest`` rounded up to a multiple of ``2 ** (floor(log2(longest)) - 3)`` (at least
+    ``MIN_GRID_STEP``): 8 widths per doubling, e.g. 780 -> 832, 1,025 -> 1,152, 100 -> 112.
+    Batches then come in a bounded set of shapes, whatever the cells' lengths, so that kernels
+    that are planned per shape (cuDNN attention builds a graph for every new one, hundreds of
+    milliseconds each) are planned once per grid width instead of once per batch.
+    """
+    n = max(int(longest), 1)
+    octave = n.bit_length() - 1  # floor(log2(n))
+    step = max(MIN_GRID_STEP, 1 << max(octave - (GRID_STEPS_PER_OCTAVE.bit_length() - 1), 0))
+    return -(-n // step) * step
+
+
+def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray, *, grid: bool = False) -> TokenBatch:
     """Pad the stored (non-zero) entries of ``X[rows]`` into a :class:`TokenBatch`.
 
     ``X`` must be CSR with sorted indices, explicit zeros removed; each row's genes stay in
-    reference order.
+    reference order. The batch is as wide as its longest row, or with ``grid`` as
+    :func:`grid_width` of it (the extra positions are [PAD], as any padding).
 
     Raises
     ------
@@ -51,6 +72,8 @@ def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray) -> TokenBatch:
     starts = indptr[rows].astype(np.int64)
     lengths = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
     n, width = len(rows), max(int(lengths.max(initial=0)), 1)
+    if grid:
+        width = grid_width(width)
     row_of = np.repeat(np.arange(n), lengths)
     offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
     col_of = np.arange(row_of.size) - offsets
@@ -64,15 +87,19 @@ def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray) -> TokenBatch:
     return TokenBatch(torch.from_numpy(genes), torch.from_numpy(values), torch.from_numpy(valid))
 
 
-def select_tokens(selected: torch.Tensor, values: torch.Tensor) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def select_tokens(selected: torch.Tensor, values: torch.Tensor, *,
+                  grid: bool = False) -> tuple[TokenBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Gather the ``selected`` positions of dense ``(B, n)`` ``values`` into a TokenBatch.
 
     Returns the batch and ``(rows, cols, pos)``: for every selected entry its cell, its gene and
-    its position in the padded sequence, to scatter encoder outputs back to full length.
+    its position in the padded sequence, to scatter encoder outputs back to full length. With
+    ``grid`` the batch is padded to :func:`grid_width` of its longest cell.
     """
     rows, cols = selected.nonzero(as_tuple=True)
     lengths = selected.sum(1)
     width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    if grid:
+        width = grid_width(width)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
     b = selected.shape[0]
@@ -85,17 +112,21 @@ def select_tokens(selected: torch.Tensor, values: torch.Tensor) -> tuple[TokenBa
     return TokenBatch(genes, vals, valid), (rows, cols, pos)
 
 
-def length_batches(lengths: np.ndarray, *, max_cells: int, max_tokens: int) -> list[np.ndarray]:
+def length_batches(lengths: np.ndarray, *, max_cells: int, max_tokens: int, grid: bool = False) -> list[np.ndarray]:
     """Group cells of similar length: batches of row indices, longest-first order inside.
 
     Cells are sorted by length (stable, so the grouping is deterministic) and cut greedily so
     that ``cells x longest length <= max_tokens`` and ``cells <= max_cells``. A single cell
-    longer than ``max_tokens`` gets a batch of its own.
+    longer than ``max_tokens`` gets a batch of its own. With ``grid`` the longest length is
+    counted as its :func:`grid_width` (the batches' padded width under ``csr_row_batch(...,
+    grid=True)``), so that the padded batches keep to ``max_tokens``.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):
         longest = max(int(lengths[order[start]]), 1)
+        if grid:
+            longest = grid_width(longest)
         size = max(1, min(max_cells, max_tokens // longest))
         batches.append(order[start : start + size])
         start += size

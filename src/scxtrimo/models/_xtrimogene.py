@@ -190,7 +190,7 @@ class XTrimoGene(nn.Module):
         with the token batch, the ``(rows, cols, pos)`` index of those positions and the ``(B, n_positions)``
         visible mask."""
         visible = (inputs != 0) & ~is_mask
-        tokens, index = select_tokens(visible, inputs)
+        tokens, index = select_tokens(visible, inputs, grid=inputs.is_cuda)
         return self.encode(tokens), tokens, index, visible
 
     def pooled_visible(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
+from .._inference import on_grid
 from .._oom import retry_on_oom
 from .._validation import check_embedding, check_positive
 from ..data._batching import TokenBudgetSplit, csr_row_batch, sortish_batches
@@ -491,8 +492,8 @@ def annotate(
     gene_symbols
         ``var`` column with gene symbols if ``var_names`` are not symbols.
     max_tokens
-        Encoder token budget per batch (cells x longest cell). ``None``: the default of
-        :func:`scxtrimo.tl.embed`, smaller on CUDA for encoders wider than xtrimo-10m. When
+        Encoder token budget per batch (cells x padded length). ``None``: the default of
+        :func:`scxtrimo.tl.embed` (on CUDA smaller for wider encoders). When
         fine-tuning, a step's ``batch_size`` cells go through the encoder in parts within
         this budget and their gradients are summed (gradient accumulation: the same step, with
         activation memory bounded by the budget instead of by ``batch_size`` x the deepest cell).
@@ -726,7 +727,7 @@ def annotate(
             clf, torch.optim.AdamW(groups, weight_decay=0.01), weight, y_idx,
             # the encoder wants cells of similar length together (length-bucketed batches)
             batches=lambda: [split["train"][np.sort(b)] for b in sortish_batches(train_lengths, batch_size, rng, drop_last=False)],
-            logits=lambda rows: clf(csr_row_batch(X, rows).to(dev)),
+            logits=lambda rows: clf(csr_row_batch(X, rows, grid=on_grid(dev)).to(dev)),
             val_f1=lambda: _val_macro_f1(_predict_proba(clf, X, split["validation"], dev, batch_size * 4, budget),
                                          y_names[y_idx[split["validation"]]], classes),
             epochs=epochs, patience=patience, stage="fine-tune", history=history, progress=progress,

@@ -12,10 +12,9 @@ from tqdm.auto import tqdm
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._validation import check_positive
 from .._inference import (  # noqa: F401  (re-exported: the inference loop lived here)
-    BATCH_CELLS, MAX_TOKENS, RowSink, apply_rows, batch_cells, embed_matrix, map_cells, resolve_model, run_rows,
-    token_budget,
+    BATCH_CELLS, MAX_TOKENS, RowSink, apply_rows, batch_cells, device_batches, embed_matrix, map_cells, resolve_model,
+    run_rows, token_budget,
 )
-from ..data._batching import length_batches
 from ..data._bulk import bulk_median, check_bulk, model_input_blocks, quiet_input_detection
 from ..data._depth import DEPTH_MODES
 from ..data._prepare import check_no_empty_cells, prepare_input
@@ -152,10 +151,11 @@ def embed(
         Most cells per encoder batch; defaults to 1 on CPU (fastest there, by measurement) and
         256 on CUDA.
     max_tokens
-        Most tokens (cells x longest cell in the batch) per batch; defaults to 4,096 on CPU and,
-        on CUDA, 262,144 for encoders up to xtrimo-10m's width and less for wider ones (65,536
-        for xtrimo-100m and the authors' 100M model). On CUDA, an out-of-memory batch is halved
-        and retried.
+        Most tokens (cells x padded length) per batch; defaults to 4,096 on CPU and, on CUDA,
+        what keeps a batch's activations near 1.25 GB: 151,552 for xtrimo-10m, 49,152 for
+        xtrimo-100m and the authors' 100M model (peak GPU memory then under 2 GB). On CUDA each
+        batch is padded to a fixed grid of lengths (at most 12.5% more), so that its few shapes
+        reuse cuDNN's attention plans, and an out-of-memory batch is halved and retried.
     device
         ``"auto"`` (CUDA if available, with bf16 autocast), ``"cpu"`` or ``"cuda"``.
     pooling
@@ -256,7 +256,7 @@ def embed(
             check_no_empty_cells(X, data.obs_names, start=start)
             if pooling == "all":
                 check_depth_tokens(X, data.obs_names, start=start, n_genes=net.config.n_genes)
-            batches = [np.sort(b) for b in length_batches(np.diff(X.indptr), max_cells=cells, max_tokens=budget)]
+            batches = [np.sort(b) for b in device_batches(np.diff(X.indptr), dev, max_cells=cells, max_tokens=budget)]
             sink = RowSink(out, dev)
             for rows in batches[ctx.rank :: ctx.world_size]:
                 sink.add(start + rows, run_rows(partial(net.embed_cells, pooling=pooling), X, rows, dev))
