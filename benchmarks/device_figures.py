@@ -30,7 +30,8 @@ have random weights (seed 0).
   length-sorted batches; time per step from CUDA events (``--warmup`` untimed steps first);
   FLOPs of each timed step's forward and backward from ``torch.utils.flop_counter`` on the same
   batch; MFU against the GPU's dense bf16 peak from its data sheet (and against the bf16
-  matmul rate measured in the same run).
+  matmul rate measured in the same run); for ``--compile-decoder`` models (xtrimo-10m), the
+  same steps again with the decoder compiled (``nn.Module.compile``), its first step timed apart.
 
 Every figure names the GPU. Where one misses its target, a ``torch.profiler`` summary (the top
 kernels and operators by GPU time, and how busy the GPU was) goes into ``profiles.txt``.
@@ -492,7 +493,32 @@ def _pretrain(corpus, name, dev, *, batch_size, warmup, steps, peaks) -> dict:
         profile(f"pretrain {name}: 2 training steps, batch {batch_size}, full-length decoder",
                 lambda: [step(warmup + i % steps) for i in range(2)], dev)
 
+    def compiled():
+        """The same timed steps with the decoder compiled (``nn.Module.compile``: inductor may fuse
+        the Performer's element-wise feature-map chain); the first step, compilation included,
+        timed apart."""
+        model.decoder.compile()
+        t0 = time.perf_counter()
+        step(0)
+        sync(dev)
+        first = time.perf_counter() - t0
+        for i in range(1, warmup):
+            step(i)
+        m = Marks(dev)
+        m.mark()
+        for i in range(warmup, warmup + steps):
+            step(i)
+            m.mark()
+        t = m.seconds()
+        res = {"first_step_s": first, "step_seconds": t, "median_step_s": float(np.median(t)),
+               "cells_per_s": cells / float(np.sum(t)), "speedup": total_t / float(np.sum(t)),
+               "mfu": total_f / float(np.sum(t)) / peaks["datasheet"] if peaks["datasheet"] else None}
+        log(f"pretrain {name}, decoder compiled: first step {first:.1f} s, {res['median_step_s'] * 1e3:.1f} ms/step, "
+            f"{res['cells_per_s']:,.1f} cells/s, {res['speedup']:.2f}x the eager steps")
+        return res
+
     out["_profile"] = prof
+    out["_compiled"] = compiled
     return out
 
 
@@ -543,6 +569,8 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-budgets", type=int, nargs="+", default=[65_536, 16_384])
     ap.add_argument("--pretrain-models", nargs="+", default=["xtrimo-10m", "xtrimo-100m"])
     ap.add_argument("--pretrain-batch", type=int, nargs="+", default=[64, 8], help="per pretrain model")
+    ap.add_argument("--compile-decoder", nargs="*", default=["xtrimo-10m"],
+                    help="pretrain models also timed with the decoder compiled (after their eager figure)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-profiles", action="store_true")
@@ -552,6 +580,7 @@ def main(argv=None) -> None:
         args.shape_model, args.shape_cells, args.embed_budgets = "xtrimo-3m", 12, [1024]
         args.memory_model, args.memory_genes, args.memory_cells, args.memory_budgets = "xtrimo-3m", 300, 6, [1024]
         args.pretrain_models, args.pretrain_batch, args.warmup, args.steps = ["xtrimo-3m"], [2], 1, 1
+        args.compile_decoder = [m for m in args.compile_decoder if m in args.pretrain_models]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -637,10 +666,13 @@ def main(argv=None) -> None:
                                                                steps=args.steps, peaks=peaks))
             if r is not None:
                 figures["pretrain"][name] = r
-                prof = r.pop("_profile")
+                prof, comp = r.pop("_profile"), r.pop("_compiled")
                 if (r["mfu"] or 0) < 0.40 and not args.no_profiles:
                     run("profile", name, prof)
-                del prof
+                write()
+                if name in args.compile_decoder:  # last: a slow compilation must not cost other figures
+                    r["compiled_decoder"] = run("pretrain", f"{name} compiled decoder", comp)
+                del prof, comp
             write()
             free(dev)
     clean = write()

@@ -219,7 +219,7 @@ def train(args) -> None:
                             masking=MaskingConfig(max_visible=args.max_visible), gene_lr_scale=args.gene_lr_scale,
                             cell_weight=args.cell_weight, cell_readout=args.cell_readout,
                             contrast_weight=args.contrast_weight, contrast_temperature=args.contrast_temperature,
-                            factor_weight=args.factor_weight)
+                            factor_weight=args.factor_weight, compile_decoder=args.compile_decoder)
     prior = dict(model.metadata or {})
     seen_before = int(prior.get("cells_seen", 0))
     minutes_before = float(prior.get("minutes", prior.get("wall_time_s", 0.0) / 60))  # tl.pretrain records seconds
@@ -314,6 +314,8 @@ def main(argv=None) -> None:
                    help="weight of the factor-score term: the mean-pooled encoder output regresses the real cell's "
                         "least-squares scores on the (frozen) gene embedding (0: off)")
     t.add_argument("--decoder-zeros", type=int, default=None)
+    t.add_argument("--compile-decoder", action="store_true",
+                   help="compile the Performer decoder (torch inductor); the first steps include the compilation")
     t.add_argument("--max-visible", type=int, default=None,
                    help="at most this many expressed genes visible to the encoder (the surplus is masked too)")
     t.add_argument("--eval-every-s", type=float, default=60.0)

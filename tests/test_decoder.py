@@ -71,3 +71,17 @@ def test_the_zero_mass_weights_unexpressed_genes_so_that_they_sum_to_it(tiny_con
 def test_bad_decoder_settings_are_refused(tiny_config, field):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(tiny_config, **{field: 0})
+
+
+def test_a_compiled_decoder_keeps_its_weight_names_and_outputs(tiny_config):
+    """``CorpusTrainConfig(compile_decoder=True)`` compiles the decoder in place (torch inductor):
+    checkpoints keep their keys and the outputs stay those of the eager decoder."""
+    torch.manual_seed(0)
+    model = XTrimoGene(tiny_config).eval()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 300, tiny_config.dec_dim)
+    with torch.no_grad():
+        eager = model.decoder(x)
+        model.decoder.compile()
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model.decoder(x), eager, atol=1e-5, rtol=1e-5)

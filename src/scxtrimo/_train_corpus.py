@@ -78,6 +78,9 @@ class CorpusTrainConfig:
     started (freeze the table with ``gene_lr_scale=0``); its MSE over the factors, averaged over
     cells, times this weight, is added to the loss. Trained at ``cell_head_lr_scale``. Not in
     the paper."""
+    compile_decoder: bool = False
+    """Compile the Performer decoder (``nn.Module.compile``, torch inductor; the weights' names
+    are unchanged). The first steps then include the compilation."""
 
 
 def param_groups(model: XTrimoGene, gene_lr_scale: float, head: nn.Module | None = None,
@@ -247,6 +250,8 @@ def train_corpus(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, d
 
 def _train(model: XTrimoGene, corpus: Corpus, cfg: CorpusTrainConfig, *, device: torch.device, on_eval, log) -> dict:
     model.to(device).train()
+    if cfg.compile_decoder:
+        model.decoder.compile()
     rows = corpus.rows("train")
     val = corpus.rows("validation")[: cfg.eval_cells]
     lengths = np.diff(corpus.counts.indptr)
