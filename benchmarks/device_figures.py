@@ -316,10 +316,11 @@ def pure_bf16_loop(model, X, idx, dev, max_cells: int, budget: int, repeats: int
 def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: int) -> dict:
     """The first (cold) and later (warm) passes of ``tl.embed``'s loop over cells of a data set
     this process has not embedded, with batches padded tightly or to the width grid
-    (``_inference.GRID_WIDTHS``), under torch's default attention kernel choice and under the
+    (``data._batching.GRID_WIDTHS``), under torch's default attention kernel choice and under the
     memory-efficient kernel alone (no per-shape plans). On CUDA the default is cuDNN attention,
     which builds a plan for every new batch shape; the grid bounds the number of shapes."""
     import scxtrimo._inference as inference
+    import scxtrimo.data._batching as batching
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sizes = {name: len(corpus.rows(source=name)) for name in corpus.sources if name != "pbmc3k"}
@@ -332,11 +333,11 @@ def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: 
     mc, budget = batch_cells(dev), token_budget(dev, config=model.config)
     alternative = "EFFICIENT_ATTENTION" if dev.type == "cuda" else "MATH"
     runs, ref = [], None
-    saved = dict(inference.GRID_WIDTHS)
+    saved = dict(batching.GRID_WIDTHS)
     try:
         for backend in (None, alternative):
             for grid in (False, True):
-                inference.GRID_WIDTHS[dev.type] = grid
+                batching.GRID_WIDTHS[dev.type] = grid
                 with sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext():
                     def loop():
                         return embed_matrix(model, X, idx, "max", dev, max_cells=mc, max_tokens=budget)
@@ -357,8 +358,8 @@ def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: 
                     f"{runs[-1]['shapes']} shapes in {runs[-1]['batches']} batches, padding {runs[-1]['padding']:.1%}, "
                     f"first pass {cold:.2f} s, warm {runs[-1]['warm_s']:.3f} s")
     finally:
-        inference.GRID_WIDTHS.clear()
-        inference.GRID_WIDTHS.update(saved)
+        batching.GRID_WIDTHS.clear()
+        batching.GRID_WIDTHS.update(saved)
     return {"model": name, "gpu": gpu_name(dev), "source": other, "cells": len(rows),
             "mean_genes": float(lengths.mean()), "max_cells": mc, "max_tokens": budget, "runs": runs}
 

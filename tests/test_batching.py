@@ -143,9 +143,31 @@ def test_grid_padding_leaves_embeddings_unchanged(pbmc3k_prepared):
 
 
 def test_only_cuda_pads_to_the_grid():
-    from scxtrimo._inference import device_batches, on_grid
+    from scxtrimo._inference import device_batches
+    from scxtrimo.data._batching import on_grid
 
     assert on_grid(torch.device("cuda")) and not on_grid(torch.device("cpu"))
     lengths = np.array([129, 100, 90])  # 129 -> 144 on the grid: two cells fit 288 tokens only without it
     assert [len(b) for b in device_batches(lengths, torch.device("cpu"), max_cells=8, max_tokens=260)] == [2, 1]
     assert [len(b) for b in device_batches(lengths, torch.device("cuda"), max_cells=8, max_tokens=260)] == [1, 2]
+
+
+def test_training_batches_follow_the_grid_setting(pbmc3k_prepared, monkeypatch):
+    """The training forward's encoder batch (``select_tokens``) is padded to the grid where the
+    device pads to it (CUDA by default; here the CPU switched on), with the same predictions."""
+    import scxtrimo.data._batching as batching
+    from scxtrimo.data import mask_values
+    from scxtrimo.data._batching import grid_width
+    from scxtrimo.models import load
+
+    model = load("xtrimo-3m").eval()
+    batch = mask_values(torch.from_numpy(pbmc3k_prepared.X[:3].toarray()), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, tight, _, visible = model._encode_visible(batch.inputs, batch.is_mask)
+        ref = model(batch.inputs, batch.is_mask)
+        monkeypatch.setitem(batching.GRID_WIDTHS, "cpu", True)
+        _, grid, _, _ = model._encode_visible(batch.inputs, batch.is_mask)
+        got = model(batch.inputs, batch.is_mask)
+    longest = int(visible.sum(1).max())
+    assert tight.valid.shape[1] == longest and grid.valid.shape[1] == grid_width(longest) > longest
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -136,15 +136,16 @@ def test_grid_padded_gpu_batches_match_tight_ones(dev, monkeypatch):
     """CUDA pads batches to the width grid (bounded shapes for cuDNN's per-shape attention
     plans); the embeddings are those of tightly padded batches up to bf16 rounding."""
     import scxtrimo._inference as inference
+    import scxtrimo.data._batching as batching
     from scxtrimo.models import XTrimoGene
 
     torch.manual_seed(0)
     model = XTrimoGene("xtrimo-10m").eval().to(dev)
     X = log1p_rows(48, seed=4, lo=50, hi=3000) if dev.type == "cuda" else log1p_rows(6, seed=4, lo=50, hi=400)
     rows = np.arange(X.shape[0])
-    monkeypatch.setitem(inference.GRID_WIDTHS, dev.type, True)
+    monkeypatch.setitem(batching.GRID_WIDTHS, dev.type, True)
     grid = inference.embed_matrix(model, X, rows, "max", dev, max_cells=256, max_tokens=262_144)
-    monkeypatch.setitem(inference.GRID_WIDTHS, dev.type, False)
+    monkeypatch.setitem(batching.GRID_WIDTHS, dev.type, False)
     tight = inference.embed_matrix(model, X, rows, "max", dev, max_cells=256, max_tokens=262_144)
     assert cosine_rows(grid, tight).min() > 0.999
 

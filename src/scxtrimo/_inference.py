@@ -15,7 +15,7 @@ import torch
 from ._device import autocast
 from ._oom import halve_rows_on_oom
 from ._validation import check_positive
-from .data._batching import TokenBatch, csr_row_batch, length_batches
+from .data._batching import GRID_WIDTHS, TokenBatch, csr_row_batch, length_batches, on_grid  # noqa: F401
 
 #: Default encoder token budget per batch (cells x padded width), by device type; on CUDA the
 #: most, for encoders narrow enough (``token_budget``).
@@ -33,10 +33,6 @@ BUDGET_STEP = 4_096
 #: (docs/benchmarks.md, "No compute on padding"): the encoder is compute-bound already at one
 #: cell, and only an unpadded call runs SDPA's fused CPU kernel instead of the masked one.
 BATCH_CELLS = {"cpu": 1, "cuda": 256}
-#: Whether batches are padded to the width grid (``data._batching.grid_width``), by device type.
-#: On CUDA a bounded set of batch shapes lets per-shape kernel plans (cuDNN attention's graphs)
-#: be reused; on the CPU the extra padding would only cost (one unpadded cell per call is fastest).
-GRID_WIDTHS = {"cpu": False, "cuda": True}
 #: Batches whose results wait on the device before one copy to the host, by device type (a copy
 #: to the host waits for the device, so on CUDA the host prepares later batches meanwhile).
 PENDING_BATCHES = {"cpu": 1, "cuda": 16}
@@ -46,11 +42,6 @@ def batch_cells(device: torch.device, batch_size: int | None = None) -> int:
     """``batch_size`` if given, else the default most cells per encoder batch for ``device``."""
     check_positive("batch_size", batch_size, integer=True, optional=True)
     return int(batch_size) if batch_size is not None else BATCH_CELLS.get(device.type, BATCH_CELLS["cpu"])
-
-
-def on_grid(device: torch.device) -> bool:
-    """Whether encoder batches on ``device`` are padded to the width grid (``GRID_WIDTHS``)."""
-    return GRID_WIDTHS.get(device.type, False)
 
 
 def device_batches(lengths: np.ndarray, device: torch.device, *, max_cells: int, max_tokens: int) -> list[np.ndarray]:

@@ -16,6 +16,10 @@ import torch
 #: (so at most 12.5% of a batch's width is grid padding), and no step below ``MIN_GRID_STEP``.
 GRID_STEPS_PER_OCTAVE = 8
 MIN_GRID_STEP = 16
+#: Whether encoder batches are padded to the width grid, by device type. On CUDA a bounded set
+#: of batch shapes lets per-shape kernel plans (cuDNN attention's graphs) be reused; on the CPU
+#: the extra padding would only cost (one unpadded cell per call is fastest there).
+GRID_WIDTHS = {"cpu": False, "cuda": True}
 
 
 class TokenBatch(NamedTuple):
@@ -51,6 +55,11 @@ def grid_width(longest: int) -> int:
     octave = n.bit_length() - 1  # floor(log2(n))
     step = max(MIN_GRID_STEP, 1 << max(octave - (GRID_STEPS_PER_OCTAVE.bit_length() - 1), 0))
     return -(-n // step) * step
+
+
+def on_grid(device: torch.device) -> bool:
+    """Whether encoder batches on ``device`` are padded to the width grid (``GRID_WIDTHS``)."""
+    return GRID_WIDTHS.get(device.type, False)
 
 
 def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray, *, grid: bool = False) -> TokenBatch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data._batching import TokenBatch, select_tokens
+from ..data._batching import TokenBatch, on_grid, select_tokens
 from ._autobin import AutoDiscretization
 from ._config import XTrimoGeneConfig, get_config
 from ._decoder import Decoder
@@ -190,7 +190,7 @@ class XTrimoGene(nn.Module):
         with the token batch, the ``(rows, cols, pos)`` index of those positions and the ``(B, n_positions)``
         visible mask."""
         visible = (inputs != 0) & ~is_mask
-        tokens, index = select_tokens(visible, inputs, grid=inputs.is_cuda)
+        tokens, index = select_tokens(visible, inputs, grid=on_grid(inputs.device))
         return self.encode(tokens), tokens, index, visible
 
     def pooled_visible(self, inputs: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
 from .._device import autocast, resolve_device
-from .._inference import on_grid
 from .._oom import retry_on_oom
 from .._validation import check_embedding, check_positive
-from ..data._batching import TokenBudgetSplit, csr_row_batch, sortish_batches
+from ..data._batching import TokenBudgetSplit, csr_row_batch, on_grid, sortish_batches
 from ..data._prepare import check_no_empty_cells, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene, check_pooling
