@@ -690,6 +690,7 @@ def main(argv=None) -> None:
             write()
             free(dev)
     if "pretrain" in args.sections:
+        compiled = []
         for name, b in zip(args.pretrain_models, args.pretrain_batch * len(args.pretrain_models)):
             r = run("pretrain", name, lambda: pretrain_figures(corpus, name, dev, batch_size=b, warmup=args.warmup,
                                                                steps=args.steps, peaks=peaks))
@@ -698,12 +699,16 @@ def main(argv=None) -> None:
                 prof, comp = r.pop("_profile"), r.pop("_compiled")
                 if (r["mfu"] or 0) < 0.40 and not args.no_profiles:
                     run("profile", name, prof)
-                write()
-                if name in args.compile_decoder:  # last: a slow compilation must not cost other figures
-                    r["compiled_decoder"] = run("pretrain", f"{name} compiled decoder", comp)
+                if name in args.compile_decoder:
+                    compiled.append((name, r, comp))
                 del prof, comp
             write()
             free(dev)
+        for name, r, comp in compiled:  # last: a slow compilation must not cost the other figures
+            r["compiled_decoder"] = run("pretrain", f"{name} compiled decoder", comp)
+            write()
+            free(dev)
+        del compiled
     clean = write()
     log(f"done in {clean['seconds']:.0f} s; wrote {path}" + (f" and {out / 'profiles.txt'}" if PROFILES else ""))
     print("\n| target | value | goal | met | GPU |\n|---|---|---|---|---|")
