@@ -15,7 +15,7 @@
 # --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock)
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
-# with timeout_s=360 (its last step, DDP, only runs on several GPUs).
+# with timeout_s=420 (its last step, DDP, only runs on several GPUs).
 #
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
 #
