@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import scxtrimo.models
 from scxtrimo._device import autocast
-from scxtrimo.data._batching import csr_row_batch, grid_width, length_batches
+from scxtrimo.data._batching import csr_row_batch, length_batches, padding_fraction
 
 
 def timed(fn, repeats: int, device: torch.device):
@@ -78,8 +78,7 @@ def bucketed(model, X, budget, device, grid: bool = False):
     out = torch.empty(X.shape[0], model.embedding_dim, device=device)
     for rows in batches:
         out[torch.from_numpy(rows).to(device)] = model.embed_cells(csr_row_batch(X, rows, grid=grid).to(device)).float()
-    width = (lambda b: grid_width(lengths[b].max())) if grid else (lambda b: max(int(lengths[b].max()), 1))
-    return out, 1.0 - lengths.sum() / sum(len(b) * width(b) for b in batches)
+    return out, padding_fraction(lengths, batches, grid)
 
 
 def flat_tokens(model, X, device):

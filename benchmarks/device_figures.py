@@ -333,7 +333,7 @@ def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: 
     mc, budget = batch_cells(dev), token_budget(dev, config=model.config)
     alternative = "EFFICIENT_ATTENTION" if dev.type == "cuda" else "MATH"
     runs, ref = [], None
-    saved = dict(batching.GRID_WIDTHS)
+    saved = batching.GRID_WIDTHS.get(dev.type, False)
     try:
         for backend in (None, alternative):
             for grid in (False, True):
@@ -345,11 +345,10 @@ def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: 
                     emb, cold = timed(loop, dev)
                     warm = [timed(loop, dev)[1] for _ in range(repeats)]
                 batches = inference.device_batches(lengths, dev, max_cells=mc, max_tokens=budget)
-                widths = [length_batches_width(lengths[b], grid) for b in batches]
                 ref = emb if ref is None else ref
                 runs.append({"grid": grid, "attention": backend or "default", "batches": len(batches),
-                             "shapes": len({(len(b), w) for b, w in zip(batches, widths)}),
-                             "padding": 1 - lengths.sum() / sum(len(b) * w for b, w in zip(batches, widths)),
+                             "shapes": len({(len(b), batching.padded_width(lengths[b].max(), grid)) for b in batches}),
+                             "padding": batching.padding_fraction(lengths, batches, grid),
                              "first_pass_s": cold, "warm_s": float(np.median(warm)),
                              "first_pass_cells_per_s": len(rows) / cold,
                              "warm_cells_per_s": len(rows) / float(np.median(warm)),
@@ -358,18 +357,9 @@ def shape_figures(corpus, name: str, dev: torch.device, *, cells: int, repeats: 
                     f"{runs[-1]['shapes']} shapes in {runs[-1]['batches']} batches, padding {runs[-1]['padding']:.1%}, "
                     f"first pass {cold:.2f} s, warm {runs[-1]['warm_s']:.3f} s")
     finally:
-        batching.GRID_WIDTHS.clear()
-        batching.GRID_WIDTHS.update(saved)
+        batching.GRID_WIDTHS[dev.type] = saved
     return {"model": name, "gpu": gpu_name(dev), "source": other, "cells": len(rows),
             "mean_genes": float(lengths.mean()), "max_cells": mc, "max_tokens": budget, "runs": runs}
-
-
-def length_batches_width(lengths: np.ndarray, grid: bool) -> int:
-    """The padded width of a batch of cells of ``lengths`` tokens (tight, or on the grid)."""
-    from scxtrimo.data._batching import grid_width
-
-    longest = max(int(lengths.max()), 1)
-    return grid_width(longest) if grid else longest
 
 
 # ---- memory ---------------------------------------------------------------------------------

@@ -123,6 +123,8 @@ def test_grid_batches_pad_with_pad_tokens_and_keep_to_the_budget(pbmc3k_prepared
     widths = [grid_width(lengths[b].max()) for b in batches]
     assert all(len(b) * wd <= 65_536 for b, wd in zip(batches, widths))
     assert len(set(widths)) <= len(batches)
+    tight = padding_fraction(lengths, batches)
+    assert tight < padding_fraction(lengths, batches, grid=True) < tight + 0.125
     sel = torch.from_numpy(X[:5].toarray()) > 1.0
     tb, (r, c, pos) = select_tokens(sel, torch.from_numpy(X[:5].toarray()), grid=True)
     assert tb.valid.shape[1] == grid_width(int(sel.sum(1).max())) and tb.valid.sum() == sel.sum()

@@ -15,7 +15,7 @@ import torch
 from ._device import autocast
 from ._oom import halve_rows_on_oom
 from ._validation import check_positive
-from .data._batching import GRID_WIDTHS, TokenBatch, csr_row_batch, length_batches, on_grid  # noqa: F401
+from .data._batching import TokenBatch, csr_row_batch, length_batches, on_grid
 
 #: Default encoder token budget per batch (cells x padded width), by device type; on CUDA the
 #: most, for encoders narrow enough (``token_budget``).

@@ -57,6 +57,13 @@ def grid_width(longest: int) -> int:
     return -(-n // step) * step
 
 
+def padded_width(longest: int, grid: bool = False) -> int:
+    """The width of a batch whose longest cell has ``longest`` tokens: that (at least 1), or with
+    ``grid`` its :func:`grid_width`."""
+    n = max(int(longest), 1)
+    return grid_width(n) if grid else n
+
+
 def on_grid(device: torch.device) -> bool:
     """Whether encoder batches on ``device`` are padded to the width grid (``GRID_WIDTHS``)."""
     return GRID_WIDTHS.get(device.type, False)
@@ -80,9 +87,7 @@ def csr_row_batch(X: sp.csr_matrix, rows: np.ndarray, *, grid: bool = False) -> 
     indptr = X.indptr
     starts = indptr[rows].astype(np.int64)
     lengths = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
-    n, width = len(rows), max(int(lengths.max(initial=0)), 1)
-    if grid:
-        width = grid_width(width)
+    n, width = len(rows), padded_width(lengths.max(initial=0), grid)
     row_of = np.repeat(np.arange(n), lengths)
     offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
     col_of = np.arange(row_of.size) - offsets
@@ -106,9 +111,7 @@ def select_tokens(selected: torch.Tensor, values: torch.Tensor, *,
     """
     rows, cols = selected.nonzero(as_tuple=True)
     lengths = selected.sum(1)
-    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
-    if grid:
-        width = grid_width(width)
+    width = padded_width(lengths.max() if lengths.numel() else 0, grid)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
     b = selected.shape[0]
@@ -133,9 +136,7 @@ def length_batches(lengths: np.ndarray, *, max_cells: int, max_tokens: int, grid
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        if grid:
-            longest = grid_width(longest)
+        longest = padded_width(lengths[order[start]], grid)
         size = max(1, min(max_cells, max_tokens // longest))
         batches.append(order[start : start + size])
         start += size
@@ -176,10 +177,11 @@ class TokenBudgetSplit:
         return True
 
 
-def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
-    """Share of encoder tokens that are [PAD] under a given batching."""
+def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray], grid: bool = False) -> float:
+    """Share of encoder tokens that are [PAD] under a given batching (padded tightly, or with
+    ``grid`` to the width grid)."""
     real = sum(int(lengths[b].sum()) for b in batches)
-    total = sum(len(b) * max(int(lengths[b].max()), 1) for b in batches)
+    total = sum(len(b) * padded_width(lengths[b].max(), grid) for b in batches)
     return 1.0 - real / total if total else 0.0
 
 
