@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scanpy as sc
 import torch
 import torch.nn.functional as F
@@ -453,7 +456,9 @@ def test_bulk_input_follows_the_authors_conventions(ckpt_dict, cell_model, cells
         data = adata.copy()
         if bulk == "normalized":
             data.X = data.X.log1p()
-        scxtrimo.tl.embed(data, model=cell_model, pooling="all", bulk=bulk, progress=False)
+        # single cells fed as bulk: the conventions still hold, with a warning that they are cells
+        with pytest.warns(UserWarning, match="reference genes, as single cells do"):
+            scxtrimo.tl.embed(data, model=cell_model, pooling="all", bulk=bulk, progress=False)
         np.testing.assert_allclose(data.obsm["X_xtrimo"], expected, rtol=0, atol=1e-5)
         params = data.uns["xtrimo"]["params"]
         assert params["input"] == f"bulk-{bulk}" and "target_depth" not in params
@@ -464,3 +469,19 @@ def test_bulk_input_follows_the_authors_conventions(ckpt_dict, cell_model, cells
     assert normalized.uns["xtrimo"]["normalize"]["target_sum_rule"] == "median"
     with pytest.raises(ValueError, match="bulk='rna'; choose"):
         scxtrimo.tl.embed(adata.copy(), model=cell_model, bulk="rna", progress=False)
+
+
+def test_bulk_warns_for_single_cells_only(cell_model, gene_model, pbmc3k_session):
+    """Pseudo-bulk samples of pbmc3k (the counts of 600 cells summed) express most reference
+    genes and embed without a warning; single cells passed as bulk are warned about."""
+    groups = np.arange(pbmc3k_session.n_obs) // 600
+    summing = sp.csr_matrix((np.ones(len(groups)), (groups, np.arange(len(groups)))))
+    pseudo = ad.AnnData(sp.csr_matrix(summing @ pbmc3k_session.X), var=pbmc3k_session.var[[]])
+    assert np.median(np.diff(scxtrimo.pp.align_genes(pseudo).X.indptr)) > 10_000  # as bulk libraries do
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scxtrimo.tl.embed(pseudo, model=cell_model, bulk="counts", progress=False)
+    assert pseudo.obsm["X_xtrimo"].shape[0] == pseudo.n_obs and np.isfinite(pseudo.obsm["X_xtrimo"]).all()
+    cells = pbmc3k_session[:50].copy()
+    with pytest.warns(UserWarning, match=r"median of \d+ reference genes, as single cells do.*drop bulk="):
+        scxtrimo.tl.gene_embed(cells, model=gene_model, genes=["LYZ"], bulk="counts", progress=False)

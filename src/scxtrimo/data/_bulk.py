@@ -25,6 +25,12 @@ from ._prepare import counts_rows, iter_log1p_blocks, log1p_rows
 #: ``bulk=`` values of :func:`~scxtrimo.tl.embed` and :func:`~scxtrimo.tl.gene_embed` (the authors' bulk input).
 BULK = ("counts", "normalized")
 
+#: Median expressed reference genes below which ``bulk=`` input looks like single cells. Bulk
+#: RNA-seq libraries express most of the 19,264 reference genes (typically over 10,000); the
+#: shared single-cell sets have medians of about 600-5,000 (plate-based full-length protocols
+#: reach the top of that range).
+BULK_MIN_GENES = 5000
+
 
 def check_bulk(bulk: str | None, total_counts_key: str | None) -> None:
     """Validate ``bulk=`` (``None``, ``"counts"`` or ``"normalized"``)."""
@@ -45,6 +51,22 @@ def quiet_input_detection(bulk: str | None):
         if bulk is not None:
             warnings.filterwarnings("ignore", message=r".* is not raw counts", category=UserWarning)
         yield
+
+
+def warn_if_single_cells(expressed: np.ndarray, bulk: str, *, stacklevel: int = 2) -> None:
+    """Warn when ``bulk=`` samples express as few genes as single cells do.
+
+    ``expressed``: expressed reference genes per sample (of the first block read). ``bulk=``
+    turns off the count checks and feeds the values as given (median-scaled, not CP10k; depth
+    tokens ``T = S`` of the sample's own values), which puts single cells outside what the
+    model saw in pretraining: a warning, since a shallow bulk library can be legitimate.
+    """
+    median = float(np.median(expressed)) if len(expressed) else 0.0
+    if median < BULK_MIN_GENES:
+        warnings.warn(f"bulk={bulk!r}, but the samples express a median of {median:,.0f} reference genes, as single "
+                      f"cells do (bulk RNA-seq libraries express over {BULK_MIN_GENES:,}). For single-cell data "
+                      "drop bulk= (cells are then normalized to log1p CP10k, with depth tokens from their counts).",
+                      UserWarning, stacklevel=stacklevel)
 
 
 def bulk_values(prep, start: int, stop: int, bulk: str) -> sp.csr_matrix:
@@ -79,11 +101,14 @@ def bulk_blocks(prep, bulk: str, *, median: float | None, depth_tokens: bool) ->
     ``"counts"``: each sample scaled to ``median`` total, ``log1p``; ``T = S = log10`` of the
     sample's sum of those log values. ``"normalized"``: the values as given; ``T = S`` = their
     plain sum. T and S (non-positive ones left out) are appended when ``depth_tokens``.
+    Warns (:func:`warn_if_single_cells`) when the first block's samples look like single cells.
     """
     step = prep.block_cells()
     for start in range(0, prep.adata.n_obs, step):
         stop = min(start + step, prep.adata.n_obs)
         V = bulk_values(prep, start, stop, bulk)
+        if start == 0:
+            warn_if_single_cells(np.diff(V.indptr), bulk, stacklevel=4)
         X = log1p_normalize(V, median) if bulk == "counts" else V
         if depth_tokens:
             sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()

@@ -220,7 +220,9 @@ def embed(
         log1p or normalized values) than the first cells'; a checkpoint that does not load.
         ``adata`` is unchanged when anything fails. A gene symbol in several columns is summed,
         with a ``UserWarning`` (as in :func:`scxtrimo.pp.align_genes`); gene names that match
-        only without surrounding spaces or in another case are left out, with a ``UserWarning``. Data
+        only without surrounding spaces or in another case are left out, with a ``UserWarning``;
+        ``bulk=`` samples that express a median of fewer than 5,000 reference genes, as single
+        cells do, get a ``UserWarning``. Data
         marked by :func:`scxtrimo.pp.normalize` are taken as the model's input only if
         normalized to 10,000 and still holding those values; otherwise their counts are read.
     KeyError

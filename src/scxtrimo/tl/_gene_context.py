@@ -166,7 +166,9 @@ def gene_embed(
         genes matching the reference list; negative or non-finite values; cells with no
         expressed reference gene; an unknown ``target_depth_mode`` or ``bulk``; ``batch_size``
         not a positive integer; ``key_added='xtrimo'`` (scxtrimo's own record); a checkpoint
-        that does not load. ``adata`` is unchanged when anything fails.
+        that does not load. ``adata`` is unchanged when anything fails. ``bulk=`` samples that
+        express a median of fewer than 5,000 reference genes, as single cells do, get a
+        ``UserWarning``.
     KeyError
         ``genes`` not in the reference list; ``groupby`` or ``total_counts_key`` not in ``obs``.
     TypeError
