@@ -221,6 +221,27 @@ def test_failed_save_leaves_no_temporary_files_and_the_old_checkpoint(random_3m,
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+def test_interrupted_save_is_refused_not_mixed(random_3m, tmp_path):
+    """A save killed between its renames leaves new weights beside the old config.json: the hash
+    that config.json records tells them apart."""
+    folder = random_3m.save(tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["weights_sha256"] == _io.sha256_file(folder / "model.safetensors")
+    torch.manual_seed(1)
+    other = XTrimoGene("xtrimo-3m").save(tmp_path / "other")
+    shutil.copy(other / "model.safetensors", folder / "model.safetensors")  # the weights renamed, config not yet
+    with pytest.raises(ValueError, match=r"config\.json was saved with a model\.safetensors of sha256.*different saves"):
+        load(folder)
+    shutil.copy(other / "config.json", folder / "config.json")  # the save completed
+    assert load(folder).checkpoint_sha256 == cfg_hash(other)
+    _edit_config(folder, lambda c: c.pop("weights_sha256"))  # files from before the hash was recorded
+    assert load(folder).checkpoint_sha256 == cfg_hash(other)
+
+
+def cfg_hash(folder):
+    return json.loads((folder / "config.json").read_text())["weights_sha256"]
+
+
 def test_unreadable_checkpoint_files_are_named(random_3m, tmp_path):
     good = random_3m.save(tmp_path / "good")
     wide = json.dumps({**json.loads((good / "config.json").read_text()), "enc_dim": "wide"}).encode()

@@ -28,6 +28,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENES_FILE = "genes.txt"
 FORMAT_VERSION = 1
+#: ``config.json`` entry with the sha256 of the ``model.safetensors`` saved with it (optional:
+#: files written before it existed, and the bundled checkpoint, lack it).
+WEIGHTS_HASH = "weights_sha256"
 
 #: Config fields added after format 1 was first written (76546aa: the released architecture's
 #: switches; e99bf98: the decoder options), with the architecture the files without them hold.
@@ -63,11 +66,13 @@ def save(model: XTrimoGene, path: str | os.PathLike, *, dtype: torch.dtype = tor
     """Write ``model`` to the folder ``path`` (created if missing); return the folder.
 
     Floating-point tensors are stored as ``dtype`` (``torch.float16`` halves the size).
-    ``config.json`` records ``model.metadata`` updated with ``metadata`` (its keys win). Each
-    file is written whole under a temporary name and then renamed into place, so a failed save
-    leaves no half-written file (and removes its temporary files); the three renames are
-    separate steps, so a process killed between them can leave new and old files side by side
-    when ``path`` held a checkpoint before: save into a new folder to keep the old one intact.
+    ``config.json`` records ``model.metadata`` updated with ``metadata`` (its keys win) and the
+    sha256 of ``model.safetensors`` (``weights_sha256``). Each file is written whole under a
+    temporary name and then renamed into place, ``config.json`` last, so a failed save leaves
+    no half-written file (and removes its temporary files). A process killed between the
+    renames, when ``path`` held a checkpoint before, leaves new weights beside the old
+    ``config.json``: :func:`load` then refuses the folder (the recorded hash differs) instead
+    of loading weights under another save's configuration.
 
     Raises
     ------
@@ -85,7 +90,7 @@ def save(model: XTrimoGene, path: str | os.PathLike, *, dtype: torch.dtype = tor
     meta = {**(model.metadata or {}), **(metadata or {})}
     config = {"format_version": FORMAT_VERSION, **model.config.to_dict(), **({"metadata": meta} if meta else {})}
     try:
-        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        json.dumps(config, sort_keys=True)
     except (TypeError, ValueError) as err:
         bad = [k for k, v in meta.items() if not _json_ok({k: v})]
         raise ValueError(f"The metadata entries {bad} cannot be written as JSON ({err}); convert NumPy values "
@@ -96,10 +101,11 @@ def save(model: XTrimoGene, path: str | os.PathLike, *, dtype: torch.dtype = tor
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = {name: path / f".{name}.tmp" for name in (WEIGHTS_FILE, CONFIG_FILE, GENES_FILE)}
+    tmp = {name: path / f".{name}.tmp" for name in (WEIGHTS_FILE, GENES_FILE, CONFIG_FILE)}  # config.json last
     try:
         save_file(state, str(tmp[WEIGHTS_FILE]), metadata={"name": model.config.name, "format_version": str(FORMAT_VERSION)})
-        tmp[CONFIG_FILE].write_text(config_text, encoding="utf-8")
+        config[WEIGHTS_HASH] = sha256_file(tmp[WEIGHTS_FILE])
+        tmp[CONFIG_FILE].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tmp[GENES_FILE].write_text("\n".join(reference_genes()) + "\n", encoding="utf-8")
         for name, t in tmp.items():
             os.replace(t, path / name)
@@ -153,8 +159,9 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({err}); the checkpoint is corrupt.") from None
 
 
-def read_config(path: Path) -> tuple[XTrimoGeneConfig, dict]:
-    """The configuration and metadata in the checkpoint file ``path`` (``config.json``).
+def read_config(path: Path) -> tuple[XTrimoGeneConfig, dict, str | None]:
+    """The configuration, metadata and recorded weights hash (:data:`WEIGHTS_HASH`, ``None`` in
+    older files) in the checkpoint file ``path`` (``config.json``).
 
     Every field must be there (those of :data:`ADDED_FIELDS` may be absent: older files), and
     ``format_version`` one this scxtrimo reads; else ``ValueError`` naming the file.
@@ -171,6 +178,7 @@ def read_config(path: Path) -> tuple[XTrimoGeneConfig, dict]:
     if missing:
         raise ValueError(f"{path} lacks the fields {missing}; it was not written by model.save() or was edited. "
                          "Restore the fields (or save the model again).")
+    recorded = raw.pop(WEIGHTS_HASH, None)
     version = raw.pop("format_version")
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this scxtrimo reads format_version 1 to "
@@ -179,7 +187,7 @@ def read_config(path: Path) -> tuple[XTrimoGeneConfig, dict]:
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: metadata is a JSON {type(metadata).__name__}, not an object.")
     try:
-        return XTrimoGeneConfig.from_dict({**ADDED_FIELDS, **raw}), metadata
+        return XTrimoGeneConfig.from_dict({**ADDED_FIELDS, **raw}), metadata, recorded
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path} holds an invalid configuration: {err}") from None
 
@@ -243,7 +251,8 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = No
         is not valid JSON, lacks fields or has a ``format_version`` newer than this scxtrimo
         reads; a non-UTF-8 ``genes.txt``; an unreadable ``model.safetensors`` (these name the
         file); one of a checkpoint's files given instead of its folder; ``part`` given for
-        something other than the authors' file. For the authors' file: a file that needs PyTorch's
+        something other than the authors' file; a ``config.json`` saved with another
+        ``model.safetensors`` than the folder's (an interrupted save). For the authors' file: a file that needs PyTorch's
         unrestricted unpickler (refused: it can run code), a missing sub-model or config entry,
         or any tensor missing, unexpected or of a shape other than the config implies
         (the message names them).
@@ -283,13 +292,17 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = No
             f"Checkpoint {name!r} was trained on a different gene list ({len(genes)} genes, first "
             f"difference at position {diff}) than this scxtrimo's {len(ref)}-gene reference; it cannot be used."
         )
-    config, metadata = read_config(folder / CONFIG_FILE)
+    config, metadata, recorded = read_config(folder / CONFIG_FILE)
     model = XTrimoGene(config)
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except SafetensorError as err:
         raise ValueError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file ({err}); the checkpoint "
                          "is corrupt or truncated.") from None
+    if recorded is not None and recorded != digest:
+        raise ValueError(f"{folder / CONFIG_FILE} was saved with a {WEIGHTS_FILE} of sha256 {recorded}, but the "
+                         f"folder's has {digest}: the files are from different saves (a save() that was "
+                         "interrupted, or a file copied from another checkpoint). Save the model again.")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     load_state_strict(model, state, name=name)
     model.checkpoint_name = name
