@@ -61,7 +61,7 @@ def test_embedding_umap_keeps_pca_results(bundled, pbmc3k, tmp_path):
 
 
 def test_recovery_panels(bundled, pbmc3k, tmp_path):
-    axes = scxtrimo.pl.recovery(bundled, pbmc3k[:16].copy(), n_cells=16, show=False, save=tmp_path / "rec.png")
+    axes = scxtrimo.pl.recovery(pbmc3k[:16].copy(), model=bundled, n_cells=16, show=False, save=tmp_path / "rec.png")
     assert len(axes) == 2
     assert axes[0].get_xlabel().startswith("true value") and "r = " in axes[0].get_title()
     assert len(axes[1].get_lines()[0].get_xdata()) == 4
@@ -77,7 +77,7 @@ def test_autobin_refuses_values_that_are_not_log1p_cp10k(bundled, values):
 
 def test_recovery_needs_at_least_one_cell(bundled, pbmc3k):
     with pytest.raises(ValueError, match="n_cells"):
-        scxtrimo.pl.recovery(bundled, pbmc3k, n_cells=0, show=False)
+        scxtrimo.pl.recovery(pbmc3k, model=bundled, n_cells=0, show=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_recovery_counts_each_target_in_one_sparsity_group(bundled, pbmc3k):
     from scxtrimo.pl._recovery import masked_recovery
 
     for n in (1, 8):
-        res = masked_recovery(bundled, pbmc3k[:8].copy(), n_cells=n, device="cpu")
+        res = masked_recovery(pbmc3k[:8].copy(), model=bundled, n_cells=n, device="cpu")
         assert sum(b[3] for b in res["by_sparsity"]) == len(res["true"])
         lows = [b[0] for b in res["by_sparsity"]]
         assert lows == sorted(set(lows))  # no repeated (empty or duplicate) group
@@ -154,16 +154,35 @@ def test_recovery_counts_each_target_in_one_sparsity_group(bundled, pbmc3k):
 def test_recovery_checks_its_input_and_leaves_the_model_as_it_was(bundled, pbmc3k):
     bundled.train()
     try:
-        scxtrimo.pl.recovery(bundled, pbmc3k[:4].copy(), n_cells=4, show=False)
+        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=bundled, n_cells=4, show=False)
         assert bundled.training
     finally:
         bundled.eval()
     with pytest.raises(ValueError, match="n_cells must be a positive integer"):
-        scxtrimo.pl.recovery(bundled, pbmc3k[:4].copy(), n_cells=2.5, show=False)
+        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=bundled, n_cells=2.5, show=False)
     empty = pbmc3k[:4].copy()
     empty.X = empty.X * 0
     with pytest.raises(ValueError, match="express none of the reference genes"):
-        scxtrimo.pl.recovery(bundled, empty, n_cells=4, show=False)
+        scxtrimo.pl.recovery(empty, model=bundled, n_cells=4, show=False)
+    plt.close("all")
+
+
+def test_recovery_takes_the_data_first_and_the_older_order_with_a_warning(bundled, pbmc3k):
+    """scanpy's convention, adata first; the 0.1.0 order (model, adata) gives the same figure."""
+    small = pbmc3k[:6].copy()
+    new = scxtrimo.pl.recovery(small, model=bundled, n_cells=6, show=False)
+    with pytest.warns(FutureWarning, match=r"recovery\(adata, model=model\)"):
+        old = scxtrimo.pl.recovery(bundled, small, n_cells=6, show=False)
+    assert new[0].get_title() == old[0].get_title() and "r = " in new[0].get_title()
+    with pytest.warns(FutureWarning):
+        scxtrimo.pl.recovery("xtrimo-3m", small, n_cells=2, show=False)  # a checkpoint name first
+    with pytest.raises(TypeError, match="data first"):
+        scxtrimo.pl.recovery(small, bundled, n_cells=2, show=False)  # the model positional, second
+    with pytest.raises(TypeError, match="data first"):
+        scxtrimo.pl.recovery(bundled, small, model=bundled, n_cells=2, show=False)
+    with pytest.raises(TypeError, match="adata must be an AnnData"):
+        scxtrimo.pl.recovery(bundled, n_cells=2, show=False)
+    assert list(small.obsm) == [] and "xtrimo" not in small.uns  # nothing written
     plt.close("all")
 
 

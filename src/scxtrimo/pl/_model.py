@@ -14,4 +14,4 @@ def plotted_model(model) -> XTrimoGene:
     if isinstance(model, (str, os.PathLike)):
         return load(model)
     raise TypeError(f"model must be an XTrimoGene or a checkpoint name or folder (e.g. 'xtrimo-3m'), got "
-                    f"{type(model).__name__}; the model comes first, e.g. scxtrimo.pl.recovery(model, adata).")
+                    f"{type(model).__name__}.")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -15,8 +18,8 @@ from ._finish import finish
 from ._model import plotted_model
 
 
-def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size: int = 8, random_state: int = 0,
-                    device: str = "auto", sparsity_bins: int = 4) -> dict:
+def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
+                    batch_size: int = 8, random_state: int = 0, device: str = "auto", sparsity_bins: int = 4) -> dict:
     """Predict masked values of real cells; Pearson r overall and by cell sparsity (section 5.3).
 
     Returns a dict with ``true`` and ``pred`` (masked non-zero targets), ``sparsity`` (per
@@ -30,6 +33,9 @@ def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size:
     check_positive("n_cells", n_cells, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("sparsity_bins", sparsity_bins, integer=True)
+    if not hasattr(adata, "obs"):
+        raise TypeError(f"adata must be an AnnData or MuData, not {type(adata).__name__}; the data come first, "
+                        "e.g. scxtrimo.pl.recovery(adata, model='xtrimo-3m').")
     model = plotted_model(model)
     dev = resolve_device(device)
     data = rna_modality(adata)
@@ -69,20 +75,24 @@ def masked_recovery(model: XTrimoGene, adata, *, n_cells: int = 256, batch_size:
             "pearson": float(np.corrcoef(true, pred)[0, 1]), "by_sparsity": by}
 
 
-def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int = 0, device: str = "auto",
-             show: bool | None = None, save: str | None = None):
+def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
+             random_state: int = 0, device: str = "auto", show: bool | None = None, save: str | None = None):
     """Predicted against true masked values, and Pearson r by sparsity (paper Fig. 3A analogue).
 
     Masks real cells as in pretraining (section 4.2) and plots the model's predictions at the
     masked expressed genes. Two panels: a 2-d histogram of predicted vs true log1p CP10k values,
-    and Pearson r for cells grouped by their fraction of zero genes.
+    and Pearson r for cells grouped by their fraction of zero genes. Nothing is written into
+    ``adata``.
 
     Parameters
     ----------
-    model
-        An :class:`~scxtrimo.models.XTrimoGene` (decoder included), or a checkpoint name or folder.
     adata
-        AnnData with raw counts (or prepared data); the first ``n_cells`` cells are used.
+        AnnData (or MuData: its RNA modality) with raw counts (or data prepared by
+        :func:`scxtrimo.pp.normalize`); the first ``n_cells`` cells are used.
+    model
+        An :class:`~scxtrimo.models.XTrimoGene` (decoder included), or a checkpoint name or folder
+        (default: the bundled ``"xtrimo-3m"``). The order of scxtrimo 0.1.0,
+        ``recovery(model, adata)``, still works, with a ``FutureWarning``.
     n_cells
         How many cells to mask (at least 1).
     random_state
@@ -103,9 +113,11 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
         values are negative or non-finite, or a cell expresses no reference gene (as in
         :func:`scxtrimo.tl.embed`).
     TypeError
-        ``model`` is not a model or a checkpoint name or folder.
+        ``model`` is not a model or a checkpoint name or folder; more than one extra positional
+        argument, or one beside ``model=``.
     """
-    res = masked_recovery(model, adata, n_cells=n_cells, random_state=random_state, device=device)
+    adata, model = legacy_model_first(adata, legacy, model)
+    res = masked_recovery(adata, model=model, n_cells=n_cells, random_state=random_state, device=device)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     top = float(max(res["true"].max(), res["pred"].max()))
     a1.hist2d(res["true"], res["pred"], bins=60, range=[[0, top], [0, top]], cmap="magma_r", cmin=1)
@@ -119,3 +131,19 @@ def recovery(model: XTrimoGene, adata, *, n_cells: int = 256, random_state: int 
     a2.set_ylabel("Pearson r")
     a2.set_title("recovery by sparsity")
     return finish(fig, [a1, a2], show=show, save=save)
+
+
+def legacy_model_first(adata, legacy: tuple, model):
+    """``(adata, model)`` from ``recovery(adata, model=...)`` or the older ``recovery(model, adata)``.
+
+    The older order (a model, name or folder first, the data second) is swapped, with a
+    ``FutureWarning``; anything else in ``legacy`` is a ``TypeError``.
+    """
+    if not legacy:
+        return adata, model
+    if len(legacy) > 1 or model != "xtrimo-3m" or not hasattr(legacy[0], "obs") or hasattr(adata, "obs"):
+        raise TypeError("recovery takes the data first and the model by keyword: "
+                        "scxtrimo.pl.recovery(adata, model='xtrimo-3m').")
+    warnings.warn("scxtrimo.pl.recovery(model, adata) is the order of scxtrimo 0.1.0 and will stop working; "
+                  "write scxtrimo.pl.recovery(adata, model=model).", FutureWarning, stacklevel=3)
+    return legacy[0], adata
