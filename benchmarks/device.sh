@@ -9,10 +9,17 @@
 # The pretraining run of scripts/train_device.py with the same set-up (first in a device session):
 #
 #   run(command="bash benchmarks/device.sh train --minutes 6 --init runs/init-10m ...",
-#       carry=[".whl", "runs/corpus.xtc", "runs/init-10m"], timeout_s=480)
+#       carry=[".whl", "runs/corpus.xtc", "runs/init-10m", "runs/eval_sets.npz"], timeout_s=510)
 #
 # (runs/init-10m: `python scripts/train_device.py init --corpus runs/corpus.xtc --config xtrimo-10m
-# --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock)
+# --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock;
+# runs/eval_sets.npz: `python benchmarks/device_eval.py pack`, the embedding benchmark's cells as rows
+# of the corpus. With it the call also scores the trained checkpoint there (benchmarks/device_eval.py:
+# held-out masked recovery, every benchmark embedding in fp32 and bf16, in eq_embeddings.npz and
+# result.json; about a minute), and here `python benchmarks/device_eval.py unpack` puts the embeddings
+# into embedding_quality.py's cache.) Files back: config.json, model-*.safetensors, history.csv,
+# result.json, train.out, eq_embeddings.npz (log.txt is removed: train.out holds its lines).
+# `SMOKE=1 OUT=/tmp/t bash benchmarks/device.sh train --device cpu --minutes 0.2 ...` runs it all here.
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
 # with timeout_s=420 (its last step, DDP, only runs on several GPUs).
@@ -41,6 +48,7 @@ for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=1; done
 [ "$SMOKE" = 0 ] || SMOKE=1
 OUT=${OUT:-runs/device_smoke}
 CORPUS=${CORPUS:-runs/corpus.xtc}
+EVAL_SETS=${EVAL_SETS:-runs/eval_sets.npz}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -163,10 +171,25 @@ main() {
 }
 
 train() {  # the pretraining run (scripts/train_device.py) with the same set-up: wheels, distutils, corpus
-  echo "==== [$(date +%T)] pretraining run: OUT=$OUT CORPUS=$CORPUS $(uname -srm)"
+  echo "==== [$(date +%T)] pretraining run: OUT=$OUT CORPUS=$CORPUS EVAL_SETS=$EVAL_SETS $(uname -srm)"
   setup || return 2
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-  "$PY" scripts/train_device.py train --corpus "$CORPUS" --out "$OUT" "$@"
+  "$PY" scripts/train_device.py train --corpus "$CORPUS" --out "$OUT" "$@" || return $?
+  if [ -f "$EVAL_SETS" ]; then
+    # issue 14's scores on the device: the checkpoint as it will be merged here, its held-out
+    # masked recovery and every benchmark embedding (benchmarks/device_eval.py)
+    local t=$SECONDS limit=150
+    [ "$SMOKE" = 1 ] && limit=900  # xtrimo-10m's full-length decoder on a CPU: minutes for 8 cells
+    echo "==== [$(date +%T)] device_eval (limit $limit s)"
+    rm -rf /tmp/merged
+    timeout --signal=INT --kill-after=15 "$limit" bash -c '"$0" scripts/train_device.py merge "$1" /tmp/merged &&
+      "$0" benchmarks/device_eval.py run --model /tmp/merged --sets "$2" --corpus "$3" --out "$1" $4' \
+      "$PY" "$OUT" "$EVAL_SETS" "$CORPUS" "$([ "$SMOKE" = 1 ] && echo --smoke)"
+    echo "==== [$(date +%T)] device_eval: exit $? after $((SECONDS - t)) s"
+  else
+    echo "no $EVAL_SETS: the benchmark embeddings are left to the CPU (python benchmarks/device_eval.py pack first)"
+  fi
+  rm -f "$OUT/log.txt"  # the same lines are in train.out; at most 8 files come back
 }
 
 if [ "${1:-}" = train ]; then

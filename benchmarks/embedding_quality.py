@@ -40,9 +40,9 @@ import argparse
 import copy
 import os
 import re
+import sys
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -55,10 +55,12 @@ from sklearn.linear_model import LinearRegression
 from sklearn.neighbors import NearestNeighbors
 
 import scxtrimo
-from scxtrimo._inference import batch_cells, map_cells, token_budget
 from scxtrimo.data import ThinningConfig, cell_keys, thin_counts
 from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 from scxtrimo.tl._clustering import pca_baseline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
+from pooled_variants import depths, variants  # noqa: E402
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -114,40 +116,34 @@ def datasets() -> dict[str, tuple[ad.AnnData, str | None]]:
     return out
 
 
-def _pools(model, batch, *, depth: bool) -> torch.Tensor:
-    """max, mean (every token) and, with depth tokens, 'all' from one encoder pass."""
-    h = model.encode(batch)
-    valid = batch.valid.unsqueeze(-1)
-    mx = h.masked_fill(~valid, float("-inf")).amax(1)
-    mean = (h * valid).sum(1) / valid.sum(1).clamp(min=1)
-    if not depth:
-        return torch.cat([mx, mean], 1)
-    n = model.config.n_genes
-    gene = (batch.valid & (batch.genes < n)).unsqueeze(-1)
-    at = lambda i: (h * (batch.valid & (batch.genes == n + i)).unsqueeze(-1)).sum(1)  # noqa: E731
-    gmax = h.masked_fill(~gene, float("-inf")).amax(1)
-    gmean = (h * gene).sum(1) / gene.sum(1).clamp(min=1)
-    return torch.cat([mx, mean, at(1), at(0), gmax, gmean], 1)
+def benchmark_sets(names: list[str] | None = None, *, subsample: dict[str, int] | None = None,
+                   max_cells: int | None = None, thin: float = 0.0) -> dict[str, tuple[ad.AnnData, str | None]]:
+    """The cells every method is scored on: set name -> (AnnData of raw counts, batch column or
+    None), after ``--max-cells`` (the first cells), ``--subsample`` (a stratified sample) and
+    ``--thin-to`` (names then ``SET@N``). Embeddings are cached by set name and cell count."""
+    out = {}
+    for set_name, (adata, batch_key) in datasets().items():
+        if names and set_name not in names:
+            continue
+        if max_cells:
+            adata = adata[:max_cells].copy()
+        if set_name in (subsample or {}):
+            adata = stratified_sample(adata, subsample[set_name], ["cell_type"] + ([batch_key] if batch_key else []))
+            print(f"{set_name}: a stratified sample of {adata.n_obs} cells", flush=True)
+        if thin:
+            adata = thin_to(adata, thin)
+            set_name = f"{set_name}@{thin:g}"
+        out[set_name] = (adata, batch_key)
+    return out
 
 
 def embed_variants(model, adata, device) -> dict[str, np.ndarray]:
-    """{variant name: (n_obs, width)} for every pooling (and target depth) of ``model``."""
-    depths = [None] if not model.config.depth_tokens else [(4.0, "fixed"), (0.0, "offset")]
+    """{variant name: (n_obs, width)} for every pooling (and target depth) of ``model``
+    (:mod:`pooled_variants`; the model input from scxtrimo's own path, :func:`iter_log1p_blocks`)."""
     prep = prepare_input(adata)
-    out = {}
-    d = model.config.enc_dim
-    for depth in depths:
-        X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep, depth=depth)], format="csr")
-        with np.errstate(divide="ignore"):
-            width = 2 * d if depth is None else 6 * d
-        emb = map_cells(partial(_pools, model, depth=depth is not None), X, np.arange(X.shape[0]), device,
-                        width=width, max_cells=batch_cells(device), max_tokens=token_budget(device, config=model.config))
-        tag = "" if depth is None else ("/T=4" if depth[1] == "fixed" else "/T=S")
-        out[f"max{tag}"] = emb[:, :d]
-        out[f"mean{tag}"] = emb[:, d : 2 * d]
-        if depth is not None:
-            out[f"all{tag}"] = emb[:, 2 * d :]
-    return out
+    inputs = {depth: sp.vstack([b for _, _, b in iter_log1p_blocks(prep, depth=depth)], format="csr")
+              for depth in depths(model)}
+    return variants(model, inputs, device)
 
 
 def factor_scores(model, adata) -> np.ndarray:
@@ -298,9 +294,8 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    sets = datasets()
-    if args.sets:
-        sets = {k: v for k, v in sets.items() if k in args.sets}
+    sub = {k: int(v) for k, v in (x.split("=") for x in args.subsample)}
+    sets = benchmark_sets(args.sets, subsample=sub, max_cells=args.max_cells, thin=args.thin_to)
     rows = []
     out = Path(args.out)
 
@@ -316,16 +311,7 @@ def main() -> None:
         rnd.checkpoint_sha256 = f"random-{models[0][1].config.name}-{models[0][1].config.depth_tokens}"
         models.append(("random weights", rnd))
 
-    sub = {k: int(v) for k, v in (x.split("=") for x in args.subsample)}
     for set_name, (adata, batch_key) in sets.items():
-        if args.max_cells:
-            adata = adata[: args.max_cells].copy()
-        if set_name in sub:
-            adata = stratified_sample(adata, sub[set_name], ["cell_type"] + ([batch_key] if batch_key else []))
-            print(f"{set_name}: a stratified sample of {adata.n_obs} cells", flush=True)
-        if args.thin_to:
-            adata = thin_to(adata, args.thin_to)
-            set_name = f"{set_name}@{args.thin_to:g}"
         n = adata.n_obs
         depth = depth_features(adata)
         reps: dict[str, np.ndarray] = {}

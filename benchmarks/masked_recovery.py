@@ -22,6 +22,29 @@ import time
 import torch
 
 
+def test_cells(corpus, cells: int):
+    """``(rows, counts)``: the first ``cells`` cells of the corpus's test split."""
+    test = corpus.rows("test")[:cells]
+    return test, corpus.counts[test]
+
+
+def recovery_row(model, corpus, *, cells: int = 256, seed: int = 7, decoder_zeros: int | None = None,
+                 device: torch.device = torch.device("cpu")) -> dict:
+    """MSE and Pearson r of ``model`` on the first ``cells`` test cells, plain and thinned."""
+    from scxtrimo.data._depth import ThinningConfig
+    from scxtrimo.data._objective import evaluate_masked
+
+    test, X = test_cells(corpus, cells)
+    kw = dict(device=device, batch_size=8, seed=seed, totals=corpus.total[test], decoder_zeros=decoder_zeros)
+    t = time.perf_counter()
+    plain = evaluate_masked(model, X, **kw)
+    thinned = evaluate_masked(model, X, thinning=ThinningConfig(p_thin=1.0), **kw)
+    return {"sha256": model.checkpoint_sha256, "cells_seen": (model.metadata or {}).get("cells_seen"),
+            "cells": len(test), "decoder_zeros": decoder_zeros, "mse": plain["mse"], "pearson": plain["pearson"],
+            "thinned_mse": thinned["mse"], "thinned_pearson": thinned["pearson"], "n_targets": plain["n_targets"],
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["xtrimo-3m"])
@@ -36,25 +59,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from scxtrimo.data._corpus import load_corpus
-    from scxtrimo.data._depth import ThinningConfig
-    from scxtrimo.data._objective import evaluate_masked
     from scxtrimo.models import load
 
     corpus = load_corpus(args.corpus)
-    test = corpus.rows("test")[: args.cells]
-    X = corpus.counts[test]
     rows = []
     for name in args.models:
-        model = load(name)
-        kw = dict(device=torch.device("cpu"), batch_size=8, seed=args.seed, totals=corpus.total[test],
-                  decoder_zeros=args.decoder_zeros)
-        t = time.perf_counter()
-        plain = evaluate_masked(model, X, **kw)
-        thinned = evaluate_masked(model, X, thinning=ThinningConfig(p_thin=1.0), **kw)
-        row = {"model": name, "sha256": model.checkpoint_sha256, "cells_seen": (model.metadata or {}).get("cells_seen"),
-               "cells": len(test), "decoder_zeros": args.decoder_zeros, "mse": plain["mse"], "pearson": plain["pearson"],
-               "thinned_mse": thinned["mse"], "thinned_pearson": thinned["pearson"], "n_targets": plain["n_targets"],
-               "seconds": round(time.perf_counter() - t, 1)}
+        row = {"model": name, **recovery_row(load(name), corpus, cells=args.cells, seed=args.seed,
+                                             decoder_zeros=args.decoder_zeros)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

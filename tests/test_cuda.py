@@ -214,6 +214,24 @@ def test_autocast_allows_tf32_only_inside_its_block():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@needs_cuda
+def test_full_precision_turns_autocast_off_and_restores_it():
+    """Inside full_precision() autocast computes in float32 without TF32 (a GPU embedding scored
+    like a CPU one); outside, and after an error inside, bf16 autocast is back."""
+    from scxtrimo._device import autocast, full_precision
+
+    dev = torch.device("cuda")
+    a = torch.randn(64, 64, device=dev)
+    with full_precision():
+        with autocast(dev):
+            assert (a @ a).dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+            torch.testing.assert_close(a @ a, (a.double() @ a.double()).float(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError), full_precision():
+        raise RuntimeError("inside")
+    with autocast(dev):
+        assert (a @ a).dtype == torch.bfloat16
+
+
 # ---- training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("decoder_zeros,depth_tokens", [(None, False), (64, True)])
 def test_corpus_training_steps_on_gpu(dev, decoder_zeros, depth_tokens):

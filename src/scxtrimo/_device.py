@@ -26,15 +26,35 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+#: Set inside :func:`full_precision`: :func:`autocast` is then a no-op on every device.
+_FULL_PRECISION = False
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Within the block, :func:`autocast` does nothing on CUDA either, and TF32 matmuls are off:
+    float32 throughout, as on the CPU. For comparisons across devices (a GPU run scored like a
+    CPU one); the previous settings come back on exit."""
+    global _FULL_PRECISION
+    old = _FULL_PRECISION, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    _FULL_PRECISION = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        _FULL_PRECISION, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (paper appendix 5: mixed precision); a no-op on CPU.
+    """bf16 autocast on CUDA (paper appendix 5: mixed precision); a no-op on CPU and inside
+    :func:`full_precision`.
 
     On CUDA, TF32 matmuls and convolutions are allowed inside the block (the fp32 work autocast
     leaves, e.g. the loss) and the previous settings are restored on exit, so fp32 work
     elsewhere in the process keeps PyTorch's (or the user's) precision.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or _FULL_PRECISION:
         yield
         return
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
