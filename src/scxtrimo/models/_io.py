@@ -252,10 +252,10 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = No
         reads; a non-UTF-8 ``genes.txt``; an unreadable ``model.safetensors`` (these name the
         file); one of a checkpoint's files given instead of its folder; ``part`` given for
         something other than the authors' file; a ``config.json`` saved with another
-        ``model.safetensors`` than the folder's (an interrupted save). For the authors' file: a file that needs PyTorch's
-        unrestricted unpickler (refused: it can run code), a missing sub-model or config entry,
-        or any tensor missing, unexpected or of a shape other than the config implies
-        (the message names them).
+        ``model.safetensors`` than the folder's (an interrupted save). For the authors' file: a
+        file that needs PyTorch's unrestricted unpickler (refused: it can run code), a missing
+        sub-model or config entry, or any tensor missing, unexpected or of a shape other than
+        the config implies (the message names them).
     FileNotFoundError
         The authors' file does not exist.
     """
