@@ -22,7 +22,8 @@
 # `SMOKE=1 OUT=/tmp/t bash benchmarks/device.sh train --device cpu --minutes 0.2 ...` runs it all here.
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
-# with timeout_s=420 (its last step, DDP, only runs on several GPUs).
+# with what is left, timeout_s=360 (its last step, DDP, only runs on several GPUs; each step
+# writes its files as it goes, so a call cut short still returns the figures it made).
 #
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
 #
