@@ -138,6 +138,21 @@ def test_a_continued_run_resumed_from_its_config_keeps_the_pooling(pbmc3k, tmp_p
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
+def test_a_resumed_run_keeps_the_record_of_its_gene_initialisation(pbmc3k, tiny_config, tmp_path):
+    """A run started from the co-expression gene table and resumed without gene_init= (the
+    default, random) still says so in its metadata; the table is not initialised again."""
+    small = pbmc3k[:300].copy()
+    kw = dict(config=tiny_config, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False,
+              device="cpu", save_dir=tmp_path / "ck", save_every=1)
+    first, _ = scxtrimo.tl.pretrain(small, gene_init="coexpression", **kw)
+    assert first.metadata["gene_init"] == "coexpression"
+    resumed, _ = scxtrimo.tl.pretrain(small, resume=True, **kw)  # a finished run resumes to its end point
+    assert resumed.metadata["gene_init"] == "coexpression" and resumed.metadata["steps"] == 1
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in resumed.state_dict().items())
+    plain, _ = scxtrimo.tl.pretrain(small, **{**kw, "save_dir": tmp_path / "plain"})
+    assert "gene_init" not in plain.metadata
+
+
 def test_a_state_from_before_newer_settings_still_resumes(pbmc3k, tiny_config, tmp_path):
     """Settings added to scxtrimo later (masking.max_visible, depth tokens, ...) are absent from an
     older train_state.pt; their defaults reproduce the old run, so it resumes, and only a real

@@ -531,6 +531,11 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
     kept = {"pooling": model.default_pooling} if "pooling" in (model.metadata or {}) else {}
     if state is not None:
         kept = state.get("kept", {}) | kept
+    # how the run's model was initialised: a resume keeps the record of the run it continues,
+    # whatever gene_init it is called with (a state from before this was saved: as this call says)
+    began = "coexpression" if gene_init_counts is not None else "random"
+    if state is not None:
+        began = state.get("gene_init", began)
     cfg = model.config
     n_train = split_sizes["train"]
     if n_train < batch_size:
@@ -602,7 +607,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                              world_size=ctx.world_size, grad_accum_steps=grad_accum_steps, decoder_zeros=decoder_zeros,
                              thinning=thinning,
                              strategy=("ddp" if strategy == "auto" else strategy) if ctx.world_size > 1 else "single") \
-                | ({"gene_init": "coexpression"} if gene_init_counts is not None else {}) \
+                | ({"gene_init": "coexpression"} if began == "coexpression" else {}) \
                 | ({"gene_lr_scale": float(gene_lr_scale)} if gene_lr_scale != 1 else {}) \
                 | ({"cell_terms": terms.to_dict()} if terms.active else {}) | kept | (extra or {})
 
@@ -621,6 +626,7 @@ def _loop(*, source, corpus, X_val, X_test, n_cells, split_sizes, data_desc, ctx
                 "signature": signature, "history": history, "running": [{k: float(v) for k, v in r.items()} for r in running],
                 "elapsed_s": float(now), "world_size": int(ctx.world_size),
                 "grad_accum_steps": int(grad_accum_steps), "scxtrimo_version": __version__, "kept": kept,
+                "gene_init": began,
             }
             if heads is not None:
                 train_state["cell_terms"] = {**heads.training_state(), "optimizer": head_opt.state_dict()}
