@@ -29,6 +29,9 @@ checked to be the one the device embedded; prints how close bf16 came::
     python benchmarks/device_eval.py unpack FILES_AT/eq_embeddings.npz --model runs/NAME --cache runs/eq_cache
     python benchmarks/embedding_quality.py --models runs/NAME --subsample cellbench=400 --cache runs/eq_cache
 
+(``unpack --precision bf16 --cache runs/eq_cache_bf16`` and the same scoring with that cache:
+the clusters of ``tl.embed`` on a GPU against the float32 ones.)
+
 ``--smoke`` (``run``) limits each set to its first 4 cells and the recovery to 2 cells.
 """
 
@@ -218,13 +221,14 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
 
 
 # ---- unpack (here) ---------------------------------------------------------------------------
-def unpack(npz: str, cache: Path, model_dir: str | None = None) -> list[Path]:
-    """The float32 embeddings of ``npz`` into ``cache`` as embedding_quality.py keys them."""
+def unpack(npz: str, cache: Path, model_dir: str | None = None, precision: str = "fp32") -> list[Path]:
+    """The ``precision`` (float32 or bf16) embeddings of ``npz`` into ``cache`` as
+    embedding_quality.py keys them (bf16 ones belong in a cache of their own: same keys)."""
     data = np.load(npz)
     by_key: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for k in data.files:
-        precision, key, variant = k.split("|")
-        by_key.setdefault((precision, key), {})[variant] = data[k]
+        kind, key, variant = k.split("|")
+        by_key.setdefault((kind, key), {})[variant] = data[k]
     if model_dir is not None:
         from scxtrimo.models import load
 
@@ -235,15 +239,15 @@ def unpack(npz: str, cache: Path, model_dir: str | None = None) -> list[Path]:
                              "merge the returned shards with scripts/train_device.py merge first.")
     cache.mkdir(parents=True, exist_ok=True)
     written = []
-    for (precision, key), emb in sorted(by_key.items()):
-        if precision != "fp32":
+    for (kind, key), emb in sorted(by_key.items()):
+        if kind != precision:
             continue
         path = cache / f"{key}.npz"
         np.savez(path, **emb)
         written.append(path)
-        low = by_key.get(("bf16", key), {})
-        cos = {v: float(np.mean(np.sum(e * low[v], 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(low[v], axis=1))))
-               for v, e in emb.items() if v in low}
+        other = by_key.get(("bf16" if kind == "fp32" else "fp32", key), {})
+        cos = {v: float(np.mean(np.sum(e * other[v], 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(other[v], axis=1))))
+               for v, e in emb.items() if v in other}
         print(f"{path}: {', '.join(emb)}; bf16 against fp32, mean cosine: "
               + ", ".join(f"{v} {c:.5f}" for v, c in cos.items()), flush=True)
     return written
@@ -265,13 +269,16 @@ def main(argv=None) -> None:
     u.add_argument("npz")
     u.add_argument("--model", default=None, help="the merged checkpoint folder, whose sha256 must match")
     u.add_argument("--cache", default="runs/embq_cache")
+    u.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="which embeddings (bf16: what tl.embed computes on a GPU; give them a cache of their own "
+                        "and score them with embedding_quality.py --cache that folder)")
     args = ap.parse_args(argv)
     if args.cmd == "pack":
         print(json.dumps(pack(Path(args.out), args.corpus, SUBSAMPLE)))
     elif args.cmd == "run":
         run(args.model, args.sets, args.corpus, Path(args.out), smoke=args.smoke)
     else:
-        unpack(args.npz, Path(args.cache), args.model)
+        unpack(args.npz, Path(args.cache), args.model, args.precision)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def test_unpack_writes_the_benchmark_cache_keys_of_the_right_checkpoint_only(dev
         assert sorted(got.files) == ["max", "mean"]
         for v, e in emb.items():
             np.testing.assert_array_equal(got[v], e)  # the float32 embeddings, not the bf16 ones
+    bf16 = device_eval.unpack(str(npz), tmp_path / "cache_bf16", str(folder), precision="bf16")
+    with np.load(bf16[0]) as got:
+        np.testing.assert_array_equal(got["max"], -emb["max"])  # the bf16 set, under the same key
     other = XTrimoGene(tiny_config).save(tmp_path / "other")
     with pytest.raises(ValueError, match="merge the returned shards"):
         device_eval.unpack(str(npz), tmp_path / "cache2", str(other))
