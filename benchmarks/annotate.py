@@ -180,6 +180,44 @@ def run_task(name, train_pool, test_pool, labels_key, seed, methods, args):
     return rows
 
 
+def read_task_set(name: str) -> ad.AnnData:
+    """A data set as the tasks read it: ``"pbmc3k"``, ``"annotate_zheng_mudan"`` (the sorted
+    reference of the pbmc transfer, every cell) or ``"annotate_cellbench"`` (doublets dropped)."""
+    if name == "pbmc3k":
+        adata = scxtrimo.datasets.pbmc3k()
+        adata.obs[RUN] = "pbmc3k"
+    elif name == "annotate_zheng_mudan":
+        adata = ad.read_h5ad(SHARED / "zheng2017_sorted_pbmc_mudan" / "zheng2017_sorted_pbmc_mudan.h5ad")
+        adata.obs[RUN] = "sorted"  # one batch: its own "batch" column is the sorted population, a cell type
+    elif name == "annotate_cellbench":
+        adata = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
+        adata = adata[adata.obs["cell_type"] != "doublet"].copy()
+        adata.obs[RUN] = adata.obs["batch"]
+    else:
+        raise ValueError(f"unknown data set {name!r}")
+    return adata
+
+
+def cached_embedding(adata, name: str, model, pooling: str, cache: Path | None) -> bool:
+    """Put the embedding ``benchmarks/device_eval.py`` computed on the GPU machine (unpacked into
+    ``cache``) into ``obsm['X_xtrimo']``, as ``tl.embed(adata, model=model, pooling=pooling)``
+    computes it (equal on this CPU to the last bit); ``False`` when the cache lacks it."""
+    if cache is None:
+        return False
+    path = cache / f"{name}_{adata.n_obs}_{model.checkpoint_sha256[:16]}.npz"
+    variant = f"{pooling}/T=4" if model.config.depth_tokens else pooling
+    if not path.exists():
+        return False
+    with np.load(path) as emb:
+        if variant not in emb.files:
+            return False
+        adata.obsm["X_xtrimo"] = emb[variant]
+    adata.uns["xtrimo"] = {"params": {"key_added": "X_xtrimo", "sha256": model.checkpoint_sha256, "pooling": pooling,
+                                      "source": str(path)}}
+    print(f"{name}: the embedding from {path}", flush=True)
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -200,6 +238,9 @@ def main():
     ap.add_argument("--out", default="docs/benchmarks/annotate.csv")
     ap.add_argument("--model", default="xtrimo-3m",
                     help="checkpoint to embed with and fine-tune (a registry name or a folder; default the bundled one)")
+    ap.add_argument("--embedding-cache", type=Path, default=None,
+                    help="take the linear probe's embeddings from this folder where it has them "
+                         "(benchmarks/device_eval.py unpack: computed on the GPU machine) instead of tl.embed")
     ap.add_argument("--pooling", default=None, choices=["max", "mean", "all"],
                     help="pooling of the embedding and of fine-tuning (default: the checkpoint's own, "
                          "XTrimoGene.default_pooling; a scripts/train_device.py merge of a run that started from a new "
@@ -212,29 +253,29 @@ def main():
     args.model = model
 
     pbmc, cb, sorted_ref = None, None, None
-    def embed(adata) -> None:
+
+    def embed(adata, name: str) -> None:
         if any(m.startswith("scxtrimo linear probe") for m in args.methods):
-            scxtrimo.tl.embed(adata, model=args.model, pooling=args.pooling)
+            if not cached_embedding(adata, name, args.model, args.pooling, args.embedding_cache):
+                scxtrimo.tl.embed(adata, model=args.model, pooling=args.pooling)
 
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         if task in ("pbmc3k", "pbmc transfer") and pbmc is None:
-            pbmc = scxtrimo.datasets.pbmc3k()
-            pbmc.obs[RUN] = "pbmc3k"
-            embed(pbmc)
+            pbmc = read_task_set("pbmc3k")
+            embed(pbmc, "pbmc3k")
         if task == "pbmc transfer" and sorted_ref is None:
-            sorted_ref = ad.read_h5ad(SHARED / "zheng2017_sorted_pbmc_mudan" / "zheng2017_sorted_pbmc_mudan.h5ad")
-            sorted_ref.obs[RUN] = "sorted"  # one batch: its own "batch" column is the sorted population, a cell type
-            embed(sorted_ref)
+            sorted_ref = read_task_set("annotate_zheng_mudan")
+            embed(sorted_ref, "annotate_zheng_mudan")
         if task.startswith("cellbench") and cb is None:
-            cb = ad.read_h5ad(SHARED / "cellbench_lung_celllines" / "cellbench_lung_celllines.h5ad")
-            cb = cb[cb.obs["cell_type"] != "doublet"].copy()
-            cb.obs[RUN] = cb.obs["batch"]
+            cb = read_task_set("annotate_cellbench")
+            cached = cached_embedding(cb, "annotate_cellbench", args.model, args.pooling, args.embedding_cache)
             if "cellbench" not in args.tasks:  # the transfer alone: embed only its training and test cells
                 src_types = set(cb.obs.loc[cb.obs["batch"] == args.transfer_train, "cell_type"])
                 cb = cb[cb.obs["cell_type"].isin(src_types)].copy()
-            embed(cb)
+            if not cached:
+                embed(cb, "annotate_cellbench")
         for seed in args.seeds:
             if task == "pbmc3k":
                 rows += run_task(task, pbmc, None, "cell_type", seed, args.methods, args)

@@ -53,10 +53,10 @@ def _pools(model, batch, *, depth: bool) -> torch.Tensor:
 def variants(model, inputs: dict, device: torch.device) -> dict[str, np.ndarray]:
     """``{variant name: (n_cells, width) float32}`` from ``inputs``, ``{depth: X}`` with one
     model-input CSR matrix (log1p CP10k, plus T and S columns for a depth) per entry of
-    :func:`depths`."""
+    :func:`depths` wanted (those missing from ``inputs`` are skipped)."""
     out = {}
     d = model.config.enc_dim
-    for depth in depths(model):
+    for depth in (depth for depth in depths(model) if depth in inputs):
         X: sp.csr_matrix = inputs[depth]
         width = 2 * d if depth is None else 6 * d
         emb = map_cells(partial(_pools, model, depth=depth is not None), X, np.arange(X.shape[0]), device,
