@@ -15,10 +15,11 @@
 # --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock;
 # runs/eval_sets.npz: `python benchmarks/device_eval.py pack`, the embedding benchmark's cells as rows
 # of the corpus. With it the call also scores the trained checkpoint there (benchmarks/device_eval.py:
-# held-out masked recovery, every benchmark embedding in fp32 and bf16, in eq_embeddings.npz and
+# held-out masked recovery and the benchmark embeddings, fp32 and bf16, in eq_embeddings-1/2.npz and
 # result.json; about a minute), and here `python benchmarks/device_eval.py unpack` puts the embeddings
-# into embedding_quality.py's cache.) Files back: config.json, model-*.safetensors, history.csv,
-# result.json, train.out, eq_embeddings.npz (log.txt is removed: train.out holds its lines).
+# into embedding_quality.py's cache.) Files back (8, the most that come back): config.json,
+# model-1/2.safetensors, history.csv, result.json, train.out, eq_embeddings-1/2.npz (log.txt is
+# removed: train.out holds its lines).
 # `SMOKE=1 OUT=/tmp/t bash benchmarks/device.sh train --device cpu --minutes 0.2 ...` runs it all here.
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call

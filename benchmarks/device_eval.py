@@ -4,20 +4,22 @@ waits for Leiden only (seconds per seed here), not for two and a half hours of C
 Three steps:
 
 ``pack`` (here, once per corpus): where the cells the embedding-quality benchmark scores
-(``embedding_quality.benchmark_sets``, with its ``--subsample cellbench=400``) sit in the
-training corpus that travels anyway, plus the counts of the few it lacks (0.1 MB, where the
-sets' own counts would take 10 MB of the 64 MiB a call carries; NumPy only), checked to give
-exactly the model input the benchmark builds from the AnnData::
+(``embedding_quality.benchmark_sets``, with its ``--subsample cellbench=400``) and
+``annotate.py``'s cellbench cells sit in the training corpus that travels anyway, plus the
+counts of the few it lacks (0.25 MB, where the sets' own counts would take 10 MB of the 64 MiB a
+call carries; NumPy only), checked to give exactly the model input the benchmark builds from
+the AnnData::
 
     python benchmarks/device_eval.py pack --out runs/eval_sets.npz --corpus runs/corpus.xtc
 
 ``run`` (on the device, after ``scripts/train_device.py merge``; ``benchmarks/device.sh train``
 does both when ``runs/eval_sets.npz`` travels): held-out masked-value recovery
-(``masked_recovery.recovery_row``, 256 test cells of the corpus, full-length decoder) and every
-pooled embedding of every set (``pooled_variants``), both in float32 without TF32
-(``scxtrimo._device.full_precision``: scored like the CPU rows), and the embeddings once more
-under bf16 autocast (what ``tl.embed`` computes on a GPU), into one ``.npz``; the recovery and the
-timings are merged into ``result.json``::
+(``masked_recovery.recovery_row``, 256 test cells of the corpus, full-length decoder) in float32
+without TF32 (``scxtrimo._device.full_precision``: scored like the CPU rows), and the embeddings
+of every set at ``tl.embed``'s target depth (``pooled_variants``; :data:`KEEP`): mean and max
+pooling in float32, mean pooling once more under bf16 autocast (what ``tl.embed`` computes on a
+GPU), into ``eq_embeddings-<k>.npz`` files of at most 15 MiB (two for xtrimo-10m: the call
+returns at most 8 files); the recovery and the timings are merged into ``result.json``::
 
     python benchmarks/device_eval.py run --model /tmp/merged --sets runs/eval_sets.npz \\
         --corpus runs/corpus.xtc --out $OUT
@@ -26,8 +28,9 @@ timings are merged into ``result.json``::
 embeddings into embedding_quality's cache, under its keys, once the merged folder's sha256 is
 checked to be the one the device embedded; prints how close bf16 came::
 
-    python benchmarks/device_eval.py unpack FILES_AT/eq_embeddings.npz --model runs/NAME --cache runs/eq_cache
-    python benchmarks/embedding_quality.py --models runs/NAME --subsample cellbench=400 --cache runs/eq_cache
+    python benchmarks/device_eval.py unpack FILES_AT/eq_embeddings-*.npz --model runs/NAME --cache runs/eq_cache
+    python benchmarks/embedding_quality.py --models runs/NAME --subsample cellbench=400 --baselines factors pca \\
+        --cache runs/eq_cache
 
 (``unpack --precision bf16 --cache runs/eq_cache_bf16`` and the same scoring with that cache:
 the clusters of ``tl.embed`` on a GPU against the float32 ones.)
@@ -40,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,15 +53,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's module
 
 from pooled_variants import depths, variants  # noqa: E402
 
-EMBEDDINGS = "eq_embeddings.npz"
+EMBEDDINGS = "eq_embeddings-{}.npz"  # numbered: each at most FILE_BYTES
+#: The device returns at most 8 files of 16 MiB; the training call's own take 6. What is kept of
+#: each set's embeddings (at tl.embed's target depth, T = 4) and how it is stored: the float32
+#: mean pooling (the bundled checkpoint's, and the publish decision's) exactly; the max pooling
+#: (the paper's) and the bf16 mean (tl.embed on a GPU) as float16 (relative rounding 5e-4).
+#: xtrimo-10m: 12.1 + 6.0 + 6.0 MB for the five sets, plus 1.1 MB for annotate.py's cellbench.
+KEEP = {("fp32", "mean"): np.float32, ("fp32", "max"): np.float16, ("bf16", "mean"): np.float16}
+FILE_BYTES = 15 * 2**20
 SUBSAMPLE = {"cellbench": 400}  # embedding_quality.py --subsample cellbench=400, as every table uses
 #: the training corpus's source (file stem) of each benchmark set
 SOURCES = {"pbmc3k": "pbmc3k", "zheng_fasttopics": "zheng2017_sorted_pbmc_fasttopics",
            "zheng_mudan": "zheng2017_sorted_pbmc_mudan", "cellbench": "cellbench_lung_celllines",
            "crc": "crc_scmetalink_2850"}
-#: benchmarks/annotate.py's data sets beyond pbmc3k (whose cells the set above already holds), as
-#: it reads them: only the default target depth (T = 4, tl.embed's) and float32 are computed.
-ANNOTATE_SETS = {"annotate_zheng_mudan": "zheng2017_sorted_pbmc_mudan", "annotate_cellbench": "cellbench_lung_celllines"}
+#: benchmarks/annotate.py's cellbench cells (all 1,070 non-doublets; the deep cells that make its
+#: CPU embedding slow), as it reads them: the float32 mean pooling only. (Its pbmc3k cells are the
+#: set above; its 2,140 sorted PBMC are shallow and take minutes here.)
+ANNOTATE_SETS = {"annotate_cellbench": "cellbench_lung_celllines"}
 
 
 def annotate_sets() -> dict:
@@ -204,12 +214,14 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
         summary["masked_recovery_fp32"] = recovery_row(model, corpus, cells=2 if smoke else 256, device=dev)
     print(f"masked recovery ({time.perf_counter() - t:.1f} s): {json.dumps(summary['masked_recovery_fp32'])}", flush=True)
     arrays, timing = {}, {}
+    depth = depths(model)[0]  # tl.embed's default target depth (T = 4), or none
+    tag = "" if depth is None else "/T=4"
     for name in sets.sources:
         rows = sets.rows(source=name)[: 4 if smoke else None]
-        only_default = name in ANNOTATE_SETS  # tl.embed's target depth, float32: what annotate.py reads
-        inputs = {depth: sets.model_input(rows, depth=depth) for depth in depths(model)[:1 if only_default else None]}
+        inputs = {depth: sets.model_input(rows, depth=depth)}
         key = cache_name(name, len(rows), sha)
-        for precision in ("fp32",) if only_default else ("fp32", "bf16"):
+        keep = {("fp32", "mean"): np.float32} if name in ANNOTATE_SETS else KEEP
+        for precision in sorted({p for p, _ in keep}, reverse=True):  # fp32 first
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -221,10 +233,11 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             timing[f"{name} {precision}"] = round(time.perf_counter() - t, 2)
-            arrays.update({f"{precision}|{key}|{v}": e for v, e in emb.items()})
+            arrays.update({f"{precision}|{key}|{v}{tag}": emb[f"{v}{tag}"].astype(dtype)
+                           for (p, v), dtype in keep.items() if p == precision})
         print(f"{name}: {len(rows)} cells embedded ({', '.join(f'{k.split()[-1]} {v} s' for k, v in timing.items() if k.startswith(name + ' '))})",
               flush=True)
-    np.savez(out / EMBEDDINGS, **arrays)
+    summary["embedding_files"] = [p.name for p in write_split(arrays, out)]
     summary["embedding_seconds"] = timing
     result = out / "result.json"
     merged = json.loads(result.read_text()) if result.exists() else {}
@@ -232,22 +245,45 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
     return summary
 
 
+def write_split(arrays: dict[str, np.ndarray], out: Path, limit: int = FILE_BYTES) -> list[Path]:
+    """``arrays`` into ``out/eq_embeddings-<k>.npz`` files of at most ``limit`` bytes of array
+    data each (an array larger than ``limit`` gets a file of its own), in key order."""
+    files, current, size = [], {}, 0
+    for k in sorted(arrays):
+        if current and size + arrays[k].nbytes > limit:
+            files.append(current)
+            current, size = {}, 0
+        current[k] = arrays[k]
+        size += arrays[k].nbytes
+    if current:
+        files.append(current)
+    paths = []
+    for i, part in enumerate(files, 1):
+        paths.append(out / EMBEDDINGS.format(i))
+        np.savez(paths[-1], **part)
+    if len(paths) > 2:
+        print(f"warning: {len(paths)} embedding files; with the training call's 6 files only 2 come back", flush=True)
+    return paths
+
+
 # ---- unpack (here) ---------------------------------------------------------------------------
-def unpack(npz: str, cache: Path, model_dir: str | None = None, precision: str = "fp32") -> list[Path]:
-    """The ``precision`` (float32 or bf16) embeddings of ``npz`` into ``cache`` as
-    embedding_quality.py keys them (bf16 ones belong in a cache of their own: same keys)."""
-    data = np.load(npz)
+def unpack(npz: str | list[str], cache: Path, model_dir: str | None = None, precision: str = "fp32") -> list[Path]:
+    """The ``precision`` (float32 or bf16) embeddings of the file(s) ``npz`` into ``cache`` as
+    embedding_quality.py keys them, as float32 (bf16 ones belong in a cache of their own: same
+    keys)."""
     by_key: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for k in data.files:
-        kind, key, variant = k.split("|")
-        by_key.setdefault((kind, key), {})[variant] = data[k]
+    for path in [npz] if isinstance(npz, (str, Path)) else npz:
+        with np.load(path) as data:
+            for k in data.files:
+                kind, key, variant = k.split("|")
+                by_key.setdefault((kind, key), {})[variant] = data[k].astype(np.float32)
     if model_dir is not None:
         from scxtrimo.models import load
 
         sha = load(model_dir).checkpoint_sha256[:16]
         other = {key.rsplit("_", 1)[1] for _, key in by_key} - {sha}
         if other:
-            raise ValueError(f"{npz} holds embeddings of the checkpoint {sorted(other)}, not of {model_dir} ({sha}): "
+            raise ValueError(f"{npz} hold embeddings of the checkpoint {sorted(other)}, not of {model_dir} ({sha}): "
                              "merge the returned shards with scripts/train_device.py merge first.")
     cache.mkdir(parents=True, exist_ok=True)
     written = []
@@ -278,7 +314,7 @@ def main(argv=None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--smoke", action="store_true")
     u = sub.add_parser("unpack", help="the device's float32 embeddings into embedding_quality's cache (here)")
-    u.add_argument("npz")
+    u.add_argument("npz", nargs="+", help="the returned eq_embeddings-*.npz files")
     u.add_argument("--model", default=None, help="the merged checkpoint folder, whose sha256 must match")
     u.add_argument("--cache", default="runs/embq_cache")
     u.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",

@@ -67,18 +67,24 @@ def test_unpack_writes_the_benchmark_cache_keys_of_the_right_checkpoint_only(dev
     rng = np.random.default_rng(0)
     emb = {v: rng.normal(size=(4, 8)).astype(np.float32) for v in ("max", "mean")}
     key = device_eval.cache_name("pbmc3k", 4, sha)
-    npz = tmp_path / "eq_embeddings.npz"
-    np.savez(npz, **{f"fp32|{key}|{v}": e for v, e in emb.items()}, **{f"bf16|{key}|{v}": -e for v, e in emb.items()})
-    written = device_eval.unpack(str(npz), tmp_path / "cache", str(folder))
+    arrays = {f"fp32|{key}|mean": emb["mean"], f"fp32|{key}|max": emb["max"].astype(np.float16),
+              f"bf16|{key}|mean": -emb["mean"].astype(np.float16)}
+    npz = device_eval.write_split(arrays, tmp_path, limit=200)  # 128 + 64 + 64 bytes: two files
+    assert [p.name for p in npz] == ["eq_embeddings-1.npz", "eq_embeddings-2.npz"]
+    npz = [str(p) for p in npz]
+    emb["max"] = emb["max"].astype(np.float16).astype(np.float32)
+    written = device_eval.unpack(npz, tmp_path / "cache", str(folder))
     assert [p.name for p in written] == [f"pbmc3k_4_{sha[:16]}.npz"]  # embedding_quality.py's key
     with np.load(written[0]) as got:
         assert sorted(got.files) == ["max", "mean"]
         for v, e in emb.items():
+            assert got[v].dtype == np.float32
             np.testing.assert_array_equal(got[v], e)  # the float32 embeddings, not the bf16 ones
-    bf16 = device_eval.unpack(str(npz), tmp_path / "cache_bf16", str(folder), precision="bf16")
+    bf16 = device_eval.unpack(npz, tmp_path / "cache_bf16", str(folder), precision="bf16")
     with np.load(bf16[0]) as got:
-        np.testing.assert_array_equal(got["max"], -emb["max"])  # the bf16 set, under the same key
+        assert got.files == ["mean"]
+        np.testing.assert_allclose(got["mean"], -emb["mean"], rtol=1e-3)  # the bf16 set, under the same key
     other = XTrimoGene(tiny_config).save(tmp_path / "other")
     with pytest.raises(ValueError, match="merge the returned shards"):
-        device_eval.unpack(str(npz), tmp_path / "cache2", str(other))
+        device_eval.unpack(npz, tmp_path / "cache2", str(other))
     assert not (tmp_path / "cache2").exists()
