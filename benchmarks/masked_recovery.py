@@ -22,7 +22,7 @@ import time
 import torch
 
 
-def test_cells(corpus, cells: int):
+def held_out_cells(corpus, cells: int):
     """``(rows, counts)``: the first ``cells`` cells of the corpus's test split."""
     test = corpus.rows("test")[:cells]
     return test, corpus.counts[test]
@@ -34,7 +34,7 @@ def recovery_row(model, corpus, *, cells: int = 256, seed: int = 7, decoder_zero
     from scxtrimo.data._depth import ThinningConfig
     from scxtrimo.data._objective import evaluate_masked
 
-    test, X = test_cells(corpus, cells)
+    test, X = held_out_cells(corpus, cells)
     kw = dict(device=device, batch_size=8, seed=seed, totals=corpus.total[test], decoder_zeros=decoder_zeros)
     t = time.perf_counter()
     plain = evaluate_masked(model, X, **kw)
