@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +45,8 @@ from sklearn.preprocessing import StandardScaler
 
 import scxtrimo
 from scxtrimo.tl._annotate import stratified_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -204,8 +207,10 @@ def cached_embedding(adata, name: str, model, pooling: str, cache: Path | None) 
     computes it (equal on this CPU to the last bit); ``False`` when the cache lacks it."""
     if cache is None:
         return False
-    path = cache / f"{name}_{adata.n_obs}_{model.checkpoint_sha256[:16]}.npz"
-    variant = f"{pooling}/T=4" if model.config.depth_tokens else pooling
+    from pooled_variants import cache_name, default_variant
+
+    path = cache / f"{cache_name(name, adata.n_obs, model.checkpoint_sha256)}.npz"
+    variant = default_variant(model, pooling)
     if not path.exists():
         return False
     with np.load(path) as emb:

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
 
-from pooled_variants import depths, variants  # noqa: E402
+from pooled_variants import cache_name, default_variant, depths, variants  # noqa: E402
 
 EMBEDDINGS = "eq_embeddings-{}.npz"  # numbered: each at most FILE_BYTES
 #: The device returns at most 8 files of 16 MiB; the training call's own take 6. What is kept of
@@ -79,16 +79,11 @@ def annotate_sets() -> dict:
     return {name: annotate.read_task_set(name) for name in ANNOTATE_SETS}
 
 
-def cache_name(set_name: str, n: int, sha256: str) -> str:
-    """embedding_quality.py's cache key of a checkpoint's embeddings of a set of ``n`` cells."""
-    return f"{set_name}_{n}_{sha256[:16]}"
-
-
 # ---- pack (here) -----------------------------------------------------------------------------
 def corpus_sha256(path: str | Path) -> str:
-    import hashlib
+    from scxtrimo.models._io import sha256_file
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def eval_sets(pack_path: str | Path, corpus, corpus_path: str | Path):
@@ -124,14 +119,11 @@ def eval_sets(pack_path: str | Path, corpus, corpus_path: str | Path):
                   obs_names=np.concatenate(obs))
 
 
-def write_pack(out: Path, corpus_path: str | Path, sets: dict) -> dict[str, int]:
+def write_pack(out: Path, corpus, corpus_path: str | Path, sets: dict) -> dict[str, int]:
     """Write ``sets`` (name -> ``(counts, obs_names, corpus source)``: CSR counts on the
-    reference genes) into ``out`` as rows of the corpus at ``corpus_path`` where the corpus
+    reference genes) into ``out`` as rows of ``corpus`` (read from ``corpus_path``) where it
     holds a cell of that name and source with the very same counts, else as the pack's own
     counts; returns the number of such cells per set."""
-    from scxtrimo.data._corpus import load_corpus
-
-    corpus = load_corpus(corpus_path)
     arrays = {"sets": np.asarray(list(sets)), "corpus_sha256": np.asarray(corpus_sha256(corpus_path))}
     missing = {}
     for i, (name, (C, names, source)) in enumerate(sets.items()):
@@ -171,9 +163,9 @@ def pack(out: Path, corpus_path: str, subsample: dict[str, int]) -> dict:
     sources = SOURCES | ANNOTATE_SETS
     counts = {name: (counts_rows(prepare_input(adata), 0, adata.n_obs), np.asarray(adata.obs_names, dtype=str),
                      sources[name]) for name, (adata, _) in sets.items()}
-    for name, n in write_pack(out, corpus_path, counts).items():
-        print(f"{name}: {sets[name][0].n_obs} cells, {n} not in the corpus", flush=True)
     corpus = load_corpus(corpus_path)
+    for name, n in write_pack(out, corpus, corpus_path, counts).items():
+        print(f"{name}: {sets[name][0].n_obs} cells, {n} not in the corpus", flush=True)
     packed = eval_sets(out, corpus, corpus_path)
     for name, (adata, _) in sets.items():
         rows = packed.rows(source=name)
@@ -215,7 +207,6 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
     print(f"masked recovery ({time.perf_counter() - t:.1f} s): {json.dumps(summary['masked_recovery_fp32'])}", flush=True)
     arrays, timing = {}, {}
     depth = depths(model)[0]  # tl.embed's default target depth (T = 4), or none
-    tag = "" if depth is None else "/T=4"
     for name in sets.sources:
         rows = sets.rows(source=name)[: 4 if smoke else None]
         inputs = {depth: sets.model_input(rows, depth=depth)}
@@ -233,7 +224,7 @@ def run(model_dir: str, sets_path: str, corpus_path: str, out: Path, *, smoke: b
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             timing[f"{name} {precision}"] = round(time.perf_counter() - t, 2)
-            arrays.update({f"{precision}|{key}|{v}{tag}": emb[f"{v}{tag}"].astype(dtype)
+            arrays.update({f"{precision}|{key}|{default_variant(model, v)}": emb[default_variant(model, v)].astype(dtype)
                            for (p, v), dtype in keep.items() if p == precision})
         print(f"{name}: {len(rows)} cells embedded ({', '.join(f'{k.split()[-1]} {v} s' for k, v in timing.items() if k.startswith(name + ' '))})",
               flush=True)

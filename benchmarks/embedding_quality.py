@@ -60,7 +60,7 @@ from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 from scxtrimo.tl._clustering import pca_baseline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
-from pooled_variants import depths, variants  # noqa: E402
+from pooled_variants import cache_name, depths, variants  # noqa: E402
 
 SHARED = Path(os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -316,7 +316,7 @@ def main() -> None:
         depth = depth_features(adata)
         reps: dict[str, np.ndarray] = {}
         for label, net in models:
-            key = cache / f"{set_name}_{n}_{(net.checkpoint_sha256 or label)[:16]}.npz"
+            key = cache / f"{cache_name(set_name, n, net.checkpoint_sha256 or label)}.npz"
             if key.exists():
                 variants = dict(np.load(key))
             else:

@@ -31,6 +31,18 @@ def depth_tag(depth) -> str:
     return "" if depth is None else ("/T=4" if depth[1] == "fixed" else "/T=S")
 
 
+def default_variant(model, pooling: str) -> str:
+    """The variant ``tl.embed(adata, model=model, pooling=pooling)`` computes (its default target
+    depth, T = 4, for a model with depth tokens)."""
+    return f"{pooling}{depth_tag(depths(model)[0])}"
+
+
+def cache_name(set_name: str, n: int, key: str) -> str:
+    """The cache file stem of a checkpoint's embeddings of a set of ``n`` cells (``key``: the
+    checkpoint's sha256, or a label; its first 16 characters are used)."""
+    return f"{set_name}_{n}_{key[:16]}"
+
+
 def _pools(model, batch, *, depth: bool) -> torch.Tensor:
     """max, mean (every token) and, with depth tokens, 'all' from one encoder pass."""
     h = model.encode(batch)

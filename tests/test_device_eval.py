@@ -8,7 +8,7 @@ import pytest
 
 from scxtrimo.data._corpus import load_corpus, pack_corpus
 from scxtrimo.data._prepare import counts_rows, prepare_input
-from scxtrimo.models import XTrimoGene
+from scxtrimo.models import XTrimoGene, load
 
 from conftest import REPO
 
@@ -39,7 +39,7 @@ def test_pack_rebuilds_the_cells_in_their_order_from_corpus_rows_and_its_own_cou
     C.data[C.indptr[2]] += 1  # the corpus's cell 3 no longer: its counts travel in the pack
     names = np.asarray(pbmc3k.obs_names[pick], dtype=str)
     out = tmp_path / "sets.npz"
-    assert device_eval.write_pack(out, corpus_path, {"s": (C, names, "pbmc3k"), "t": (C[:1], names[:1], "other")}) \
+    assert device_eval.write_pack(out, load_corpus(corpus_path), corpus_path, {"s": (C, names, "pbmc3k"), "t": (C[:1], names[:1], "other")}) \
         == {"s": 3, "t": 1}
     packed = device_eval.eval_sets(out, load_corpus(corpus_path), corpus_path)
     assert packed.sources == ["s", "t"]
@@ -61,12 +61,10 @@ def test_pack_rebuilds_the_cells_in_their_order_from_corpus_rows_and_its_own_cou
 
 def test_unpack_writes_the_benchmark_cache_keys_of_the_right_checkpoint_only(device_eval, tiny_config, tmp_path):
     folder = XTrimoGene(tiny_config).save(tmp_path / "ckpt")
-    from scxtrimo.models import load
-
     sha = load(folder).checkpoint_sha256
     rng = np.random.default_rng(0)
     emb = {v: rng.normal(size=(4, 8)).astype(np.float32) for v in ("max", "mean")}
-    key = device_eval.cache_name("pbmc3k", 4, sha)
+    key = device_eval.cache_name("pbmc3k", 4, sha)  # embedding_quality.py's key (pooled_variants)
     arrays = {f"fp32|{key}|mean": emb["mean"], f"fp32|{key}|max": emb["max"].astype(np.float16),
               f"bf16|{key}|mean": -emb["mean"].astype(np.float16)}
     npz = device_eval.write_split(arrays, tmp_path, limit=200)  # 128 + 64 + 64 bytes: two files
