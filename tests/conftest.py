@@ -43,6 +43,16 @@ def pbmc3k(pbmc3k_session) -> ad.AnnData:
 
 
 @pytest.fixture(scope="session")
+def pbmc3k_embedded(pbmc3k_session) -> ad.AnnData:
+    """pbmc3k (2,638 cells) embedded by ``tl.embed`` with its defaults: the bundled checkpoint,
+    its default pooling, ``obsm['X_xtrimo']``. Embedded once per session (about a minute on two
+    cores); copy it before changing it."""
+    adata = pbmc3k_session.copy()
+    scxtrimo.tl.embed(adata, progress=False)
+    return adata
+
+
+@pytest.fixture(scope="session")
 def cellbench() -> ad.AnnData:
     return read_shared("cellbench_lung_celllines")
 

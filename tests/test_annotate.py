@@ -14,10 +14,13 @@ from scxtrimo.tl._annotate import stratified_split
 
 
 @pytest.fixture(scope="module")
-def probe(pbmc3k_session):
-    """Linear probe of the bundled checkpoint on pbmc3k (8 types)."""
-    adata = pbmc3k_session.copy()
-    clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", freeze="all", epochs=30, patience=5, progress=False)
+def probe(pbmc3k_embedded):
+    """Linear probe of the bundled checkpoint on pbmc3k (8 types), on the session's stored
+    embedding (``use_rep``: the same probe as embedding the cells again, as
+    ``test_linear_probe_reuses_stored_embedding`` checks)."""
+    adata = pbmc3k_embedded.copy()
+    clf = scxtrimo.tl.annotate(adata, labels_key="cell_type", freeze="all", use_rep="X_xtrimo", epochs=30, patience=5,
+                               progress=False)
     return adata, clf
 
 

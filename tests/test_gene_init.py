@@ -66,7 +66,7 @@ def test_init_sets_the_used_rows_and_keeps_the_rest(pbmc3k_prepared, tiny_config
 def test_a_coexpression_initialised_model_clusters_cells_before_any_training(pbmc3k_prepared):
     """The point of the initialisation: untrained xtrimo-3m, mean pooling, pbmc3k (Leiden at the
     labelled number of types): ARI far above the same network with random gene embeddings."""
-    cells = pbmc3k_prepared[::3].copy()
+    cells = pbmc3k_prepared[::6].copy()  # 440 cells, all 8 types
     scores = {}
     for init in ("random", "coexpression"):
         torch.manual_seed(0)
@@ -76,8 +76,8 @@ def test_a_coexpression_initialised_model_clusters_cells_before_any_training(pbm
         scxtrimo.tl.embed(cells, model=model, pooling="mean", key_added=f"X_{init}", progress=False, device="cpu")
         scores[init] = scxtrimo.tl.evaluate_clustering(cells, use_rep=f"X_{init}", labels_key="cell_type",
                                                        random_state=0)["ari"]
-    assert scores["random"] < 0.15  # measured 0.03
-    assert scores["coexpression"] > 0.3  # measured 0.39 (the table from pbmc3k alone, a third of its cells)
+    assert scores["random"] < 0.15  # measured 0.04 (Leiden seeds 0-2: 0.022-0.036)
+    assert scores["coexpression"] > 0.3  # measured 0.40 (seeds 0-2: 0.398-0.422; the table from pbmc3k alone)
 
 
 def test_pretrain_starts_from_the_coexpression_table(pbmc3k, tiny_config, pretrain_files):
