@@ -173,9 +173,9 @@ def test_backed_dense_h5ad_streams_in_byte_bounded_blocks(small, model, tmp_path
 
 def test_cellbench_deep_cells(cellbench, model):
     """The long-sequence case: CEL-seq2 cells with thousands of expressed genes."""
-    deep = cellbench[cellbench.obs["batch"] == "sc_celseq2"][:40].copy()
+    deep = cellbench[cellbench.obs["batch"] == "sc_celseq2"][:12].copy()  # about 1 s per cell on a CPU core
     scxtrimo.tl.embed(deep, model=model, progress=False)
-    assert deep.obsm["X_xtrimo"].shape == (40, 128)
+    assert deep.obsm["X_xtrimo"].shape == (12, 128) and np.isfinite(deep.obsm["X_xtrimo"]).all()
     assert deep.uns["xtrimo"]["params"]["n_genes_matched"] > 14_000
 
 
