@@ -322,6 +322,14 @@ def test_default_freeze_is_the_linear_probe_on_cpu(pbmc3k, tiny_config):
     assert clf.freeze == "all" and small.uns["xtrimo"]["annotate"]["freeze"] == "all"
     for k, v in clf.backbone.state_dict().items():
         torch.testing.assert_close(v, before[k])
+    # layer=: the counts read from the named layer give the same probe as the counts in X
+    moved = pbmc3k[:150].copy()
+    moved.layers["raw"], moved.X = moved.X.copy(), moved.X * 0
+    with pytest.raises(KeyError, match=r"layer='counts_' is not in adata.layers .*'raw'"):
+        scxtrimo.tl.annotate(moved, labels_key="cell_type", model=base, layer="counts_", progress=False)
+    assert "xtrimo" not in moved.uns
+    scxtrimo.tl.annotate(moved, labels_key="cell_type", model=base, layer="raw", epochs=2, device="cpu", progress=False)
+    np.testing.assert_allclose(moved.obsm["xtrimo_label_probabilities"], small.obsm["xtrimo_label_probabilities"], atol=1e-5)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -26,6 +26,11 @@ def test_cli_reports_bad_input(pbmc3k, tmp_path, capsys):
     mouse.write_h5ad(src)
     assert main(["embed", str(src), str(tmp_path / "o.h5ad")]) == 2
     assert "error" in capsys.readouterr().err
+    human = tmp_path / "human.h5ad"
+    pbmc3k[:20].copy().write_h5ad(human)
+    assert main(["embed", str(human), str(tmp_path / "o.h5ad"), "--layer", "spliced"]) == 2
+    assert "layer='spliced' is not in adata.layers" in capsys.readouterr().err
+    assert not (tmp_path / "o.h5ad").exists()
 
 
 def test_cli_names_a_file_that_is_not_h5ad(tmp_path, capsys):

@@ -41,6 +41,40 @@ def test_params_name_the_matrix_that_was_read(small, model):
     np.testing.assert_allclose(layered.obsm["X_xtrimo"], small.obsm["X_xtrimo"], atol=1e-5)
 
 
+def test_layer_names_the_matrix_to_read(small, model):
+    """layer=: the counts wherever they are (scanpy's layer=), X holding log1p values; an unknown
+    layer is a KeyError naming the layers there are, with nothing written."""
+    import scanpy as sc
+
+    cells = small[:40].copy()
+    scxtrimo.tl.embed(cells, model=model, progress=False)
+    user = cells.copy()
+    del user.obsm["X_xtrimo"], user.uns["xtrimo"]
+    user.layers["raw"] = user.X.copy()
+    user.layers["counts"] = user.X * 0  # a stale layer that the default would read
+    sc.pp.normalize_total(user, target_sum=1e4)
+    sc.pp.log1p(user)
+    with pytest.raises(KeyError, match=r"layer='spliced' is not in adata.layers .*'raw'"):
+        scxtrimo.tl.embed(user, model=model, layer="spliced", progress=False)
+    with pytest.raises(KeyError, match="layer='spliced'"):
+        scxtrimo.tl.gene_embed(user, model=model, genes="CD3E", layer="spliced", progress=False)
+    assert "X_xtrimo" not in user.obsm and "xtrimo" not in user.uns
+    scxtrimo.tl.embed(user, model=model, layer="raw", progress=False)
+    assert user.uns["xtrimo"]["params"]["source"] == "layers['raw']"
+    assert user.uns["xtrimo"]["params"]["input"] == "counts"
+    np.testing.assert_allclose(user.obsm["X_xtrimo"], cells.obsm["X_xtrimo"], atol=1e-5)
+    # bulk="normalized" reads X, or the named layer
+    logged = user.copy()
+    logged.layers["log"] = logged.X.copy()
+    logged.X = logged.X * 0
+    with pytest.warns(UserWarning, match="as single cells do"):
+        scxtrimo.tl.embed(user, model=model, bulk="normalized", key_added="X_bulk", progress=False)
+    with pytest.warns(UserWarning, match="as single cells do"):
+        scxtrimo.tl.embed(logged, model=model, bulk="normalized", layer="log", key_added="X_bulk", progress=False)
+    assert logged.uns["xtrimo"]["params"]["source"] == "layers['log']"
+    np.testing.assert_allclose(logged.obsm["X_bulk"], user.obsm["X_bulk"], atol=1e-5)
+
+
 def test_raw_counts_and_prepared_data_give_the_same_embedding(small, model):
     prepared = scxtrimo.pp.align_genes(small, copy=True)
     scxtrimo.pp.normalize(prepared)

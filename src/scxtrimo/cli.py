@@ -36,7 +36,7 @@ def _embed(args) -> int:
     adata = _read_h5ad(args.input)
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
-             key_added=args.key_added, gene_symbols=args.gene_symbols, target_depth=args.target_depth,
+             key_added=args.key_added, gene_symbols=args.gene_symbols, layer=args.layer, target_depth=args.target_depth,
              target_depth_mode=args.target_depth_mode, bulk=args.bulk)
     dt = time.perf_counter() - t
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bulk RNA-seq samples with the authors' conventions (see scxtrimo.tl.embed)")
     e.add_argument("--key-added", default="X_xtrimo")
     e.add_argument("--gene-symbols", default=None, help="var column with gene symbols if var_names are not symbols")
+    e.add_argument("--layer", default=None,
+                   help="layers key of the counts to read (default: layers['counts'] if present, else X)")
     e.set_defaults(func=_embed)
 
     d = sub.add_parser("demo", help="embed the bundled PBMC 3k, cluster, compare with PCA, save a UMAP")

@@ -72,13 +72,17 @@ def warn_if_single_cells(expressed: np.ndarray, bulk: str, *, stacklevel: int = 
 def bulk_values(prep, start: int, stop: int, bulk: str) -> sp.csr_matrix:
     """Rows ``[start, stop)`` on the reference genes exactly as given (no count recovery), CSR float32.
 
-    ``bulk="counts"`` reads what :func:`scxtrimo.tl.embed` reads for counts (``layers['counts']``
-    if present, else ``X``); ``"normalized"`` reads ``X``. Data prepared by
-    :func:`scxtrimo.pp.normalize` give their ``layers['counts']`` or their ``X``.
+    ``bulk="counts"`` reads what :func:`scxtrimo.tl.embed` reads for counts (``layers[layer]``
+    if named, else ``layers['counts']`` if present, else ``X``); ``"normalized"`` reads
+    ``layers[layer]`` if named, else ``X``. Data prepared by :func:`scxtrimo.pp.normalize` give
+    their ``layers['counts']`` or their ``X``.
     """
     if prep.kind == "prepared":
         return counts_rows(prep, start, stop) if bulk == "counts" else log1p_rows(prep, start, stop)
-    source, what = (prep.matrix(), "the input") if bulk == "counts" else (prep.adata.X, "adata.X")
+    if bulk == "counts" or prep.layer_named:
+        source, what = prep.matrix(), prep.what
+    else:
+        source, what = prep.adata.X, "adata.X"
     block = source[start:stop]
     check_finite_nonnegative(block, what=what)
     out = align_matrix(block, prep.mapping, N_GENES) if prep.mapping is not None else sp.csr_matrix(block, dtype=np.float32)

@@ -30,11 +30,14 @@ DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, flo
 class PreparedInput:
     """How an AnnData is read: which matrix, how its genes map, what its values are.
 
-    source : ``"X"`` or ``"layers['counts']"``.
+    source : ``"X"`` or ``"layers['<name>']"`` (``layers['counts']`` when present, or the layer
+        the caller named).
     mapping : gene mapping to the reference list, or ``None`` when the data is already aligned.
     kind : ``"counts"``, ``"log1p"``, ``"normalized"``, or ``"prepared"`` (log1p CP10k on the
         reference genes, as written by :func:`scxtrimo.pp.normalize` after ``align_genes``).
     n_matched : reference genes present in the input.
+    layer : the ``layers`` key read, ``None`` for ``X``.
+    layer_named : whether the caller named ``layer`` (``bulk="normalized"`` then reads it too).
     """
 
     adata: ad.AnnData
@@ -42,9 +45,16 @@ class PreparedInput:
     mapping: GeneMapping | None
     kind: str
     n_matched: int
+    layer: str | None = None  # the layers key read (source "layers[...]"), None for X
+    layer_named: bool = False  # the caller named the layer (layer=...), rather than layers['counts'] by default
+
+    @property
+    def what(self) -> str:
+        """The matrix read, as error messages name it: ``"adata.X"`` or ``"adata.layers['<name>']"``."""
+        return f"adata.{self.source}"
 
     def matrix(self):
-        return self.adata.X if self.source == "X" else self.adata.layers["counts"]
+        return self.adata.X if self.source == "X" else self.adata.layers[self.layer]
 
     def block_cells(self) -> int:
         """Cells per streamed block: 10,000 for sparse input; fewer for a dense matrix, so that
@@ -81,16 +91,34 @@ def _holds_log1p_cp10k(adata: ad.AnnData) -> bool:
     return bool(np.allclose(sums, TARGET_SUM, rtol=1e-2))
 
 
-def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> PreparedInput:
-    """Decide how to read ``adata``; raises the alignment/validation errors up front."""
+def check_layer(adata: ad.AnnData, layer: str | None) -> None:
+    """``KeyError`` naming the layers there are if ``layer`` is given and not one of them."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers (it has {list(adata.layers.keys())}); "
+                       "name the layer that holds the counts, or leave layer=None to read layers['counts'] "
+                       "if present, else X.")
+
+
+def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: str | None = None) -> PreparedInput:
+    """Decide how to read ``adata``; raises the alignment/validation errors up front.
+
+    ``layer``: read ``adata.layers[layer]`` (raw counts, or normalized / log1p values turned back
+    into counts); ``None``: ``layers['counts']`` if present, else ``X`` (or ``X`` as it is when
+    :func:`scxtrimo.pp.normalize` prepared it for the model).
+    """
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no cells (n_obs == 0).")
+    check_layer(adata, layer)
     aligned = _is_aligned(adata) and gene_symbols is None
-    if aligned and is_xtrimo_normalized(adata) and _holds_log1p_cp10k(adata):
+    if layer is None and aligned and is_xtrimo_normalized(adata) and _holds_log1p_cp10k(adata):
         return PreparedInput(adata, "X", None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
-    source = "layers['counts']" if "counts" in adata.layers else "X"
+    named = layer is not None
+    if layer is None:
+        layer = "counts" if "counts" in adata.layers else None
+    source = "X" if layer is None else f"layers[{layer!r}]"
     if source == "X" and adata.X is None:
-        raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X.")
+        raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X, "
+                         "or name the layer that holds it (layer=...).")
     mapping = None
     n_matched = len(reference_genes())
     if not aligned:
@@ -100,11 +128,10 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None) -> Prep
         mapping = gene_mapping(names, reference_genes(), var=adata.var)
         warn_duplicates(mapping, stacklevel=4)
         n_matched = mapping.n_matched
-    prep = PreparedInput(adata, source, mapping, "counts", n_matched)
+    prep = PreparedInput(adata, source, mapping, "counts", n_matched, layer, named)
     first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]
-    what = "adata.X" if source == "X" else "adata.layers['counts']"
-    _, kind = to_counts(first, uns=adata.uns, what=what)
-    return PreparedInput(adata, source, mapping, kind, n_matched)
+    _, kind = to_counts(first, uns=adata.uns, what=prep.what)
+    return PreparedInput(adata, source, mapping, kind, n_matched, layer, named)
 
 
 def _check_same_kind(block, prep: PreparedInput, start: int, stop: int, what: str) -> None:
@@ -138,7 +165,7 @@ def counts_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
     ValueError
         Prepared data without ``layers['counts']`` (the counts are unknown).
     """
-    what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
+    what = prep.what
     if prep.kind == "prepared":
         if "counts" not in prep.adata.layers:
             raise ValueError(
@@ -176,9 +203,8 @@ def log1p_rows(prep: PreparedInput, start: int, stop: int) -> sp.csr_matrix:
         ``(stop - start, 19264)`` float32, sorted indices, no explicit zeros.
     """
     if prep.kind == "prepared":
-        what = "adata.X" if prep.source == "X" else "adata.layers['counts']"
         block = prep.matrix()[start:stop]
-        check_finite_nonnegative(block, what=what)
+        check_finite_nonnegative(block, what=prep.what)
         out = sp.csr_matrix(block, dtype=np.float32)
         out.sum_duplicates()  # a gene stored twice is one token with the summed value
         out.eliminate_zeros()

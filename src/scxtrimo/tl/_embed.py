@@ -112,6 +112,7 @@ def embed(
     pooling: str | None = None,
     key_added: str = "X_xtrimo",
     gene_symbols: str | None = None,
+    layer: str | None = None,
     target_depth: float = 4.0,
     target_depth_mode: str = "fixed",
     total_counts_key: str | None = None,
@@ -142,8 +143,8 @@ def embed(
     ----------
     adata
         AnnData (or MuData: its RNA modality) with ``n_obs`` cells. ``X`` (or ``layers['counts']``
-        if present) holds raw counts, or normalized / log1p values that are turned back into
-        counts (see :func:`scxtrimo.pp.normalize`).
+        if present, or ``layers[layer]``) holds raw counts, or normalized / log1p values that are
+        turned back into counts (see :func:`scxtrimo.pp.normalize`).
     model
         Checkpoint name (``"xtrimo-3m"``, bundled), checkpoint folder, or an
         :class:`~scxtrimo.models.XTrimoGene`.
@@ -168,6 +169,9 @@ def embed(
         ``obsm`` key of the result.
     gene_symbols
         ``var`` column holding gene symbols, if ``var_names`` are not symbols (e.g. Ensembl IDs).
+    layer
+        ``layers`` key of the matrix to read (e.g. ``"raw_counts"``), as scanpy's ``layer=``.
+        ``None`` (default): ``layers['counts']`` if present, else ``X``.
     target_depth, target_depth_mode
         Models with depth tokens only: the target depth ``T`` given to the encoder beside the
         observed depth ``S = log10(total counts)``. ``"fixed"``: ``T = target_depth`` (default
@@ -180,7 +184,7 @@ def embed(
     bulk
         Bulk RNA-seq samples instead of single cells, with the authors' conventions (paper
         section 5.4.3; ``docs/scfoundation.md``, "Bulk RNA-seq"). The values
-        (``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
+        (``layers[layer]`` if given, else ``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
         being integers or turned back into counts. ``"counts"``: raw (or expected) counts;
         every sample is scaled to the **median** total of all samples and ``log1p``'d (scanpy's
         ``normalize_total(target_sum=None)`` + ``log1p``); depth tokens ``T = S = log10`` of the
@@ -202,7 +206,7 @@ def embed(
       file's sha256; for a folder converted from it also ``source_sha256``), configuration,
       package version, number of reference genes matched, pooling, ``key_added``, the detected
       input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the matrix read
-      (``source``: ``"X"`` or ``"layers['counts']"``), the depth-token
+      (``source``: ``"X"`` or ``"layers['<name>']"``), the depth-token
       settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``).
 
     Raises
@@ -227,7 +231,7 @@ def embed(
         normalized to 10,000 and still holding those values; otherwise their counts are read.
     KeyError
         ``total_counts_key`` is not a column of ``obs``; ``gene_symbols`` is not a column of
-        ``var``.
+        ``var``; ``layer`` is not a key of ``layers``.
     """
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
@@ -242,7 +246,7 @@ def embed(
     target = adata.copy() if copy else adata
     data = rna_modality(target)
     with quiet_input_detection(bulk):
-        prep = prepare_input(data, gene_symbols=gene_symbols)
+        prep = prepare_input(data, gene_symbols=gene_symbols, layer=layer)
     median = bulk_median(prep) if bulk == "counts" else None
     ctx, dev = init_distributed(device)
     try:

@@ -87,6 +87,7 @@ def gene_embed(
     batch_size: int | None = None,
     device: str = "auto",
     gene_symbols: str | None = None,
+    layer: str | None = None,
     target_depth: float = 4.0,
     target_depth_mode: str = "fixed",
     total_counts_key: str | None = None,
@@ -133,7 +134,7 @@ def gene_embed(
         model needs about 1.5 GB per cell). On CUDA an out-of-memory pass is halved and retried.
     device
         ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
-    gene_symbols, target_depth, target_depth_mode, total_counts_key, bulk
+    gene_symbols, layer, target_depth, target_depth_mode, total_counts_key, bulk
         As in :func:`scxtrimo.tl.embed`.
     copy
         Return a new object instead of writing into ``adata``.
@@ -170,7 +171,8 @@ def gene_embed(
         express a median of fewer than 5,000 reference genes, as single cells do, get a
         ``UserWarning``.
     KeyError
-        ``genes`` not in the reference list; ``groupby`` or ``total_counts_key`` not in ``obs``.
+        ``genes`` not in the reference list; ``groupby`` or ``total_counts_key`` not in ``obs``;
+        ``layer`` not in ``layers``.
     TypeError
         ``genes`` is not a symbol or a list of symbols; ``groupby`` is not one column name.
 
@@ -199,7 +201,7 @@ def gene_embed(
     sel, names = _select_genes(genes)
     codes, groups = _groups(data0, groupby)
     with quiet_input_detection(bulk):
-        prep = prepare_input(data0, gene_symbols=gene_symbols)
+        prep = prepare_input(data0, gene_symbols=gene_symbols, layer=layer)
     median = bulk_median(prep) if bulk == "counts" else None
     dev = resolve_device(device)
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file():  # the authors' file: its gene sub-model
