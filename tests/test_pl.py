@@ -67,6 +67,13 @@ def test_recovery_panels(bundled, pbmc3k, tmp_path):
     assert len(axes[1].get_lines()[0].get_xdata()) == 4
     _png_ok(tmp_path / "rec.png")
     plt.close("all")
+    moved = pbmc3k[:16].copy()
+    moved.layers["raw"], moved.X = moved.X.copy(), moved.X * 0  # the counts in a named layer: the same cells
+    with pytest.raises(KeyError, match="layer='counts' is not in adata.layers"):
+        scxtrimo.pl.recovery(moved, model=bundled, n_cells=16, layer="counts", show=False)
+    same = scxtrimo.pl.recovery(moved, model=bundled, n_cells=16, layer="raw", show=False)
+    assert same[0].get_title() == axes[0].get_title()
+    plt.close("all")
 
 
 @pytest.mark.parametrize("values", [[0.0, 1.0, float("nan")], [-1.0, 0.0, 2.0]])

@@ -19,7 +19,8 @@ from ._model import plotted_model
 
 
 def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
-                    batch_size: int = 8, random_state: int = 0, device: str = "auto", sparsity_bins: int = 4) -> dict:
+                    batch_size: int = 8, random_state: int = 0, device: str = "auto", sparsity_bins: int = 4,
+                    layer: str | None = None) -> dict:
     """Predict masked values of real cells; Pearson r overall and by cell sparsity (section 5.3).
 
     Returns a dict with ``true`` and ``pred`` (masked non-zero targets), ``sparsity`` (per
@@ -39,7 +40,7 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
     model = plotted_model(model)
     dev = resolve_device(device)
     data = rna_modality(adata)
-    prep = prepare_input(data)
+    prep = prepare_input(data, layer=layer)
     C = counts_rows(prep, 0, min(n_cells, data.n_obs))
     check_no_empty_cells(C, data.obs_names)
     was_training = model.training
@@ -76,7 +77,8 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
 
 
 def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
-             random_state: int = 0, device: str = "auto", show: bool | None = None, save: str | None = None):
+             random_state: int = 0, device: str = "auto", layer: str | None = None, show: bool | None = None,
+             save: str | None = None):
     """Predicted against true masked values, and Pearson r by sparsity (paper Fig. 3A analogue).
 
     Masks real cells as in pretraining (section 4.2) and plots the model's predictions at the
@@ -99,6 +101,9 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
         Seed of the masks (cell ``i`` gets the key ``cell_keys(random_state, 0, i)``).
     device
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
+    layer
+        ``layers`` key of the counts to read, as in :func:`scxtrimo.tl.embed` (``None``:
+        ``layers['counts']`` if present, else ``X``).
     show, save
         ``show=False`` returns the two axes; ``save`` is a file path to write the figure to.
 
@@ -115,9 +120,11 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
     TypeError
         ``model`` is not a model or a checkpoint name or folder; more than one extra positional
         argument, or one beside ``model=``.
+    KeyError
+        ``layer`` is not a key of ``layers``.
     """
     adata, model = legacy_model_first(adata, legacy, model)
-    res = masked_recovery(adata, model=model, n_cells=n_cells, random_state=random_state, device=device)
+    res = masked_recovery(adata, model=model, n_cells=n_cells, random_state=random_state, device=device, layer=layer)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     top = float(max(res["true"].max(), res["pred"].max()))
     a1.hist2d(res["true"], res["pred"], bins=60, range=[[0, top], [0, top]], cmap="magma_r", cmin=1)
