@@ -132,3 +132,24 @@ def test_pretrain_streams_h5ad_paths(corpus_files, tiny_config):
     assert model.metadata["cells"] == counts["cells"]
     assert model.metadata["split"] == {k: counts[k] for k in ("train", "validation", "test")}
     assert list(history["step"]) == [2] and np.isfinite(history["train_mse"]).all()
+
+
+def test_pretrain_reads_the_named_layer(corpus_files, tmp_path, tiny_config):
+    """layer=: counts moved into another layer (X zeroed) train exactly as the counts in X, streamed
+    from files and in memory; a layer a file lacks is a KeyError naming the layers it has."""
+    moved = []
+    for p in corpus_files:
+        a = ad.read_h5ad(p)
+        a.layers["raw"], a.X = a.X.copy(), a.X * 0
+        moved.append(tmp_path / p.name)
+        a.write_h5ad(moved[-1])
+    kw = dict(config=tiny_config, max_steps=1, batch_size=4, eval_every=0, eval_cells=4, progress=False)
+    _, plain = scxtrimo.tl.pretrain([str(p) for p in corpus_files], block_cells=32, **kw)
+    _, layered = scxtrimo.tl.pretrain([str(p) for p in moved], block_cells=32, layer="raw", **kw)
+    np.testing.assert_allclose(layered["train_mse"], plain["train_mse"], rtol=1e-6)
+    memory = ad.read_h5ad(moved[1])
+    _, plain = scxtrimo.tl.pretrain(ad.read_h5ad(corpus_files[1]), **kw)
+    _, layered = scxtrimo.tl.pretrain(memory, layer="raw", **kw)
+    np.testing.assert_allclose(layered["train_mse"], plain["train_mse"], rtol=1e-6)
+    with pytest.raises(KeyError, match=r"layer='spliced' is not in adata.layers .*'raw'"):
+        scxtrimo.tl.pretrain(memory, layer="spliced", **kw)

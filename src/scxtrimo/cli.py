@@ -95,7 +95,7 @@ _PRETRAIN_FLAGS = {
     "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum_steps": "grad_accum_steps",
     "strategy": "strategy", "activation_checkpointing": "activation_checkpointing", "save_every": "save_every",
     "eval_every": "eval_every", "eval_cells": "eval_cells", "device": "device", "seed": "random_state",
-    "block_cells": "block_cells", "gene_symbols": "gene_symbols", "resume": "resume", "resume_from": "resume_from",
+    "block_cells": "block_cells", "gene_symbols": "gene_symbols", "layer": "layer", "resume": "resume", "resume_from": "resume_from",
     "min_genes": "min_genes", "model": "model",
 }
 
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-genes", type=int, default=None)
     t.add_argument("--block-cells", type=int, default=None)
     t.add_argument("--gene-symbols", default=None)
+    t.add_argument("--layer", default=None, help="layers key of the counts (default: layers['counts'] if present, else X)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda")
     t.add_argument("--seed", "--random-state", dest="seed", type=int, default=None, help="random_state")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUT/train_state.pt")

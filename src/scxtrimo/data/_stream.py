@@ -124,6 +124,9 @@ class H5adCorpus:
         Rows read per block (default 2,048).
     gene_symbols
         ``var`` column with gene symbols, if ``var_names`` are not symbols (same for all files).
+    layer
+        ``layers`` key of the counts in every file (``None``: ``layers['counts']`` if present,
+        else ``X``).
     min_genes
         Keep cells with at least this many expressed reference genes (201: "more than 200").
     random_state
@@ -148,7 +151,7 @@ class H5adCorpus:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, block_cells: int = BLOCK_CELLS,
-                 gene_symbols: str | None = None, min_genes: int = 201, random_state: int = 0,
+                 gene_symbols: str | None = None, layer: str | None = None, min_genes: int = 201, random_state: int = 0,
                  fractions: Sequence[float] = SPLIT):
         if block_cells < 1:
             raise ValueError(f"block_cells must be at least 1, got {block_cells}.")
@@ -166,7 +169,7 @@ class H5adCorpus:
             for p in self.paths:
                 adata = ad.read_h5ad(p, backed="r")
                 self._adatas.append(adata)
-                self._preps.append(prepare_input(adata, gene_symbols=gene_symbols))
+                self._preps.append(prepare_input(adata, gene_symbols=gene_symbols, layer=layer))
         except Exception:
             self.close()
             raise
