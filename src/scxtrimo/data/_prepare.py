@@ -30,23 +30,26 @@ DENSE_BLOCK_BYTES = 256 * 2**20  # a dense input block (cells x input genes, flo
 class PreparedInput:
     """How an AnnData is read: which matrix, how its genes map, what its values are.
 
-    source : ``"X"`` or ``"layers['<name>']"`` (``layers['counts']`` when present, or the layer
-        the caller named).
     mapping : gene mapping to the reference list, or ``None`` when the data is already aligned.
     kind : ``"counts"``, ``"log1p"``, ``"normalized"``, or ``"prepared"`` (log1p CP10k on the
         reference genes, as written by :func:`scxtrimo.pp.normalize` after ``align_genes``).
     n_matched : reference genes present in the input.
-    layer : the ``layers`` key read, ``None`` for ``X``.
+    layer : the ``layers`` key read (``"counts"`` when present, or the layer the caller named),
+        ``None`` for ``X``.
     layer_named : whether the caller named ``layer`` (``bulk="normalized"`` then reads it too).
     """
 
     adata: ad.AnnData
-    source: str
     mapping: GeneMapping | None
     kind: str
     n_matched: int
-    layer: str | None = None  # the layers key read (source "layers[...]"), None for X
-    layer_named: bool = False  # the caller named the layer (layer=...), rather than layers['counts'] by default
+    layer: str | None = None
+    layer_named: bool = False
+
+    @property
+    def source(self) -> str:
+        """The matrix read, as ``uns['xtrimo']['params']`` records it: ``"X"`` or ``"layers['<name>']"``."""
+        return "X" if self.layer is None else f"layers[{self.layer!r}]"
 
     @property
     def what(self) -> str:
@@ -54,7 +57,7 @@ class PreparedInput:
         return f"adata.{self.source}"
 
     def matrix(self):
-        return self.adata.X if self.source == "X" else self.adata.layers[self.layer]
+        return self.adata.X if self.layer is None else self.adata.layers[self.layer]
 
     def block_cells(self) -> int:
         """Cells per streamed block: 10,000 for sparse input; fewer for a dense matrix, so that
@@ -111,12 +114,11 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: 
     check_layer(adata, layer)
     aligned = _is_aligned(adata) and gene_symbols is None
     if layer is None and aligned and is_xtrimo_normalized(adata) and _holds_log1p_cp10k(adata):
-        return PreparedInput(adata, "X", None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
+        return PreparedInput(adata, None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
     named = layer is not None
     if layer is None:
         layer = "counts" if "counts" in adata.layers else None
-    source = "X" if layer is None else f"layers[{layer!r}]"
-    if source == "X" and adata.X is None:
+    if layer is None and adata.X is None:
         raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X, "
                          "or name the layer that holds it (layer=...).")
     mapping = None
@@ -128,10 +130,10 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: 
         mapping = gene_mapping(names, reference_genes(), var=adata.var)
         warn_duplicates(mapping, stacklevel=4)
         n_matched = mapping.n_matched
-    prep = PreparedInput(adata, source, mapping, "counts", n_matched, layer, named)
+    prep = PreparedInput(adata, mapping, "counts", n_matched, layer, named)
     first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]
     _, kind = to_counts(first, uns=adata.uns, what=prep.what)
-    return PreparedInput(adata, source, mapping, kind, n_matched, layer, named)
+    return PreparedInput(adata, mapping, kind, n_matched, layer, named)
 
 
 def _check_same_kind(block, prep: PreparedInput, start: int, stop: int, what: str) -> None:
