@@ -33,6 +33,20 @@ def test_cli_reports_bad_input(pbmc3k, tmp_path, capsys):
     assert not (tmp_path / "o.h5ad").exists()
 
 
+def test_cli_embed_use_raw(pbmc3k, tmp_path):
+    """--use-raw reads raw.X: the same embedding as the counts in X."""
+    cells = pbmc3k[:30].copy()
+    direct = cells.copy()
+    scxtrimo.tl.embed(direct, progress=False)
+    cells.raw = cells.copy()
+    cells.X = cells.X * 0.0
+    cells.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["embed", str(tmp_path / "in.h5ad"), str(tmp_path / "out.h5ad"), "--use-raw"]) == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.uns["xtrimo"]["params"]["source"] == "raw.X"
+    np.testing.assert_allclose(out.obsm["X_xtrimo"], direct.obsm["X_xtrimo"], atol=1e-6)
+
+
 def test_cli_names_a_file_that_is_not_h5ad(tmp_path, capsys):
     src = tmp_path / "counts.csv"
     src.write_text("gene,cell1\nCD3E,4\n")

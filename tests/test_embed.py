@@ -75,6 +75,66 @@ def test_layer_names_the_matrix_to_read(small, model):
     np.testing.assert_allclose(logged.obsm["X_bulk"], user.obsm["X_bulk"], atol=1e-5)
 
 
+def _raw_holds_counts(cells):
+    """As CELLxGENE and scanpy pipelines leave it: the counts of every gene in ``raw``, ``X``
+    log-normalized on 500 highly variable genes."""
+    import scanpy as sc
+
+    user = cells.copy()
+    user.raw = user.copy()
+    sc.pp.normalize_total(user, target_sum=1e4)
+    sc.pp.log1p(user)
+    sc.pp.highly_variable_genes(user, n_top_genes=500)
+    return user[:, user.var["highly_variable"]].copy()
+
+
+def test_use_raw_reads_the_counts_kept_in_raw(small, model):
+    """use_raw=True (scanpy's use_raw=): raw.X with raw.var's genes gives the counts' embedding,
+    where X (500 genes, log1p) would give another; reading X says that raw holds the counts;
+    use_raw without raw, with layer, or not a bool fails before anything is written."""
+    cells = small[:40].copy()
+    scxtrimo.tl.embed(cells, model=model, progress=False)
+    user = _raw_holds_counts(cells)
+    with pytest.warns(UserWarning, match=r"adata\.raw holds raw counts: pass use_raw=True"):
+        scxtrimo.tl.embed(user, model=model, key_added="X_from_x", progress=False)
+    assert np.abs(user.obsm["X_from_x"] - cells.obsm["X_xtrimo"]).max() > 0.1  # 500 genes are not the cell
+    scxtrimo.tl.embed(user, model=model, use_raw=True, progress=False)
+    assert user.uns["xtrimo"]["params"]["source"] == "raw.X" and user.uns["xtrimo"]["params"]["input"] == "counts"
+    assert user.uns["xtrimo"]["params"]["n_genes_matched"] == cells.uns["xtrimo"]["params"]["n_genes_matched"]
+    np.testing.assert_allclose(user.obsm["X_xtrimo"], cells.obsm["X_xtrimo"], atol=1e-5)
+    plain = cells.copy()
+    del plain.obsm["X_xtrimo"], plain.uns["xtrimo"]
+    for kwargs, error, message in [
+        ({"use_raw": True}, ValueError, "use_raw=True, but adata.raw is None"),
+        ({"use_raw": True, "layer": "counts"}, ValueError, "either layer='counts' or use_raw=True"),
+        ({"use_raw": "yes"}, TypeError, "use_raw must be True or False"),
+    ]:
+        with pytest.raises(error, match=message):
+            scxtrimo.tl.embed(plain, model=model, progress=False, **kwargs)
+        with pytest.raises(error, match=message):
+            scxtrimo.tl.gene_embed(plain, model=model, genes="CD3E", progress=False, **kwargs)
+        with pytest.raises(error, match=message):
+            scxtrimo.tl.annotate(plain, labels_key="cell_type", model=model, progress=False, **kwargs)
+    assert not plain.obsm and "xtrimo" not in plain.uns and "xtrimo_label" not in plain.obs
+
+
+def test_use_raw_reads_a_backed_file_and_the_hint_joins_errors(small, model, tmp_path):
+    """A backed file's raw.X is streamed like X; X that cannot be read as counts (negative values)
+    fails with the pointer to raw."""
+    cells = small[:40].copy()
+    scxtrimo.tl.embed(cells, model=model, progress=False)
+    user = _raw_holds_counts(cells)
+    user.write_h5ad(tmp_path / "raw.h5ad")
+    backed = ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")
+    scxtrimo.tl.embed(backed, model=model, use_raw=True, progress=False)
+    np.testing.assert_allclose(backed.obsm["X_xtrimo"], cells.obsm["X_xtrimo"], atol=1e-5)
+    backed.file.close()
+    scaled = user.copy()
+    scaled.X = scaled.X.toarray() - 0.5
+    with pytest.raises(ValueError, match=r"negative values.*adata\.raw holds raw counts: pass use_raw=True"):
+        scxtrimo.tl.embed(scaled, model=model, progress=False)
+
+
 def test_raw_counts_and_prepared_data_give_the_same_embedding(small, model):
     prepared = scxtrimo.pp.align_genes(small, copy=True)
     scxtrimo.pp.normalize(prepared)

@@ -153,3 +153,18 @@ def test_pretrain_reads_the_named_layer(corpus_files, tmp_path, tiny_config):
     np.testing.assert_allclose(layered["train_mse"], plain["train_mse"], rtol=1e-6)
     with pytest.raises(KeyError, match=r"layer='spliced' is not in adata.layers .*'raw'"):
         scxtrimo.tl.pretrain(memory, layer="spliced", **kw)
+    # use_raw=True: the counts kept in raw (X zeroed), streamed and in memory
+    in_raw = []
+    for p in corpus_files:
+        a = ad.read_h5ad(p)
+        a.raw = a.copy()
+        a.X = a.X * 0
+        in_raw.append(tmp_path / "in_raw" / p.name)  # the same file name: the split hashes it
+        in_raw[-1].parent.mkdir(exist_ok=True)
+        a.write_h5ad(in_raw[-1])
+    _, plain = scxtrimo.tl.pretrain([str(p) for p in corpus_files], block_cells=32, **kw)
+    _, raw = scxtrimo.tl.pretrain([str(p) for p in in_raw], block_cells=32, use_raw=True, **kw)
+    np.testing.assert_allclose(raw["train_mse"], plain["train_mse"], rtol=1e-6)
+    _, plain = scxtrimo.tl.pretrain(ad.read_h5ad(corpus_files[1]), **kw)
+    _, raw = scxtrimo.tl.pretrain(ad.read_h5ad(in_raw[1]), use_raw=True, **kw)
+    np.testing.assert_allclose(raw["train_mse"], plain["train_mse"], rtol=1e-6)

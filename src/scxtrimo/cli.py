@@ -36,7 +36,8 @@ def _embed(args) -> int:
     adata = _read_h5ad(args.input)
     t = time.perf_counter()
     tl.embed(adata, model=args.model, batch_size=args.batch_size, device=args.device, pooling=args.pooling,
-             key_added=args.key_added, gene_symbols=args.gene_symbols, layer=args.layer, target_depth=args.target_depth,
+             key_added=args.key_added, gene_symbols=args.gene_symbols, layer=args.layer, use_raw=args.use_raw,
+             target_depth=args.target_depth,
              target_depth_mode=args.target_depth_mode, bulk=args.bulk)
     dt = time.perf_counter() - t
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank holds the result; one writes
@@ -95,7 +96,7 @@ _PRETRAIN_FLAGS = {
     "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum_steps": "grad_accum_steps",
     "strategy": "strategy", "activation_checkpointing": "activation_checkpointing", "save_every": "save_every",
     "eval_every": "eval_every", "eval_cells": "eval_cells", "device": "device", "seed": "random_state",
-    "block_cells": "block_cells", "gene_symbols": "gene_symbols", "layer": "layer", "resume": "resume", "resume_from": "resume_from",
+    "block_cells": "block_cells", "gene_symbols": "gene_symbols", "layer": "layer", "use_raw": "use_raw", "resume": "resume", "resume_from": "resume_from",
     "min_genes": "min_genes", "model": "model",
 }
 
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gene-symbols", default=None, help="var column with gene symbols if var_names are not symbols")
     e.add_argument("--layer", default=None,
                    help="layers key of the counts to read (default: layers['counts'] if present, else X)")
+    e.add_argument("--use-raw", action="store_true", help="read the counts from raw.X (genes: raw.var)")
     e.set_defaults(func=_embed)
 
     d = sub.add_parser("demo", help="embed the bundled PBMC 3k, cluster, compare with PCA, save a UMAP")
@@ -371,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-cells", type=int, default=None)
     t.add_argument("--gene-symbols", default=None)
     t.add_argument("--layer", default=None, help="layers key of the counts (default: layers['counts'] if present, else X)")
+    t.add_argument("--use-raw", action="store_true", default=None, help="read the counts from raw.X (genes: raw.var)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda")
     t.add_argument("--seed", "--random-state", dest="seed", type=int, default=None, help="random_state")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUT/train_state.pt")

@@ -73,13 +73,13 @@ def bulk_values(prep, start: int, stop: int, bulk: str) -> sp.csr_matrix:
     """Rows ``[start, stop)`` on the reference genes exactly as given (no count recovery), CSR float32.
 
     ``bulk="counts"`` reads what :func:`scxtrimo.tl.embed` reads for counts (``layers[layer]``
-    if named, else ``layers['counts']`` if present, else ``X``); ``"normalized"`` reads
-    ``layers[layer]`` if named, else ``X``. Data prepared by :func:`scxtrimo.pp.normalize` give
+    or ``raw.X`` if named, else ``layers['counts']`` if present, else ``X``); ``"normalized"``
+    reads ``layers[layer]`` or ``raw.X`` if named, else ``X``. Data prepared by :func:`scxtrimo.pp.normalize` give
     their ``layers['counts']`` or their ``X``.
     """
     if prep.kind == "prepared":
         return counts_rows(prep, start, stop) if bulk == "counts" else log1p_rows(prep, start, stop)
-    if bulk == "counts" or prep.layer_named:
+    if bulk == "counts" or prep.named:
         source, what = prep.matrix(), prep.what
     else:
         source, what = prep.adata.X, "adata.X"

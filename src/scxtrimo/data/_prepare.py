@@ -35,8 +35,10 @@ class PreparedInput:
         reference genes, as written by :func:`scxtrimo.pp.normalize` after ``align_genes``).
     n_matched : reference genes present in the input.
     layer : the ``layers`` key read (``"counts"`` when present, or the layer the caller named),
-        ``None`` for ``X``.
-    layer_named : whether the caller named ``layer`` (``bulk="normalized"`` then reads it too).
+        ``None`` for ``X`` (or ``raw.X``).
+    named : whether the caller named the matrix (``layer=`` or ``use_raw=True``;
+        ``bulk="normalized"`` then reads it too).
+    use_raw : the matrix is ``adata.raw.X``, its genes ``adata.raw.var``.
     """
 
     adata: ad.AnnData
@@ -44,19 +46,34 @@ class PreparedInput:
     kind: str
     n_matched: int
     layer: str | None = None
-    layer_named: bool = False
+    named: bool = False
+    use_raw: bool = False
 
     @property
     def source(self) -> str:
-        """The matrix read, as ``uns['xtrimo']['params']`` records it: ``"X"`` or ``"layers['<name>']"``."""
+        """The matrix read, as ``uns['xtrimo']['params']`` records it: ``"X"``, ``"raw.X"`` or ``"layers['<name>']"``."""
+        if self.use_raw:
+            return "raw.X"
         return "X" if self.layer is None else f"layers[{self.layer!r}]"
 
     @property
     def what(self) -> str:
-        """The matrix read, as error messages name it: ``"adata.X"`` or ``"adata.layers['<name>']"``."""
+        """The matrix read, as error messages name it: ``"adata.X"``, ``"adata.raw.X"`` or ``"adata.layers['<name>']"``."""
         return f"adata.{self.source}"
 
+    @property
+    def var_names(self):
+        """Gene names of :meth:`matrix`'s columns (``raw.var_names`` with ``use_raw``)."""
+        return self.adata.raw.var_names if self.use_raw else self.adata.var_names
+
+    @property
+    def n_vars(self) -> int:
+        """Columns of :meth:`matrix`."""
+        return len(self.var_names)
+
     def matrix(self):
+        if self.use_raw:
+            return self.adata.raw.X
         return self.adata.X if self.layer is None else self.adata.layers[self.layer]
 
     def block_cells(self) -> int:
@@ -65,7 +82,7 @@ class PreparedInput:
         M = self.matrix()
         if sp.issparse(M) or hasattr(M, "format"):  # in memory, or anndata's backed CSR/CSC dataset
             return BLOCK_CELLS
-        return int(min(BLOCK_CELLS, max(256, DENSE_BLOCK_BYTES // (4 * max(1, self.adata.n_vars)))))
+        return int(min(BLOCK_CELLS, max(256, DENSE_BLOCK_BYTES // (4 * max(1, self.n_vars)))))
 
 
 def _is_aligned(adata: ad.AnnData) -> bool:
@@ -94,46 +111,93 @@ def _holds_log1p_cp10k(adata: ad.AnnData) -> bool:
     return bool(np.allclose(sums, TARGET_SUM, rtol=1e-2))
 
 
-def check_layer(adata: ad.AnnData, layer: str | None) -> None:
-    """``KeyError`` naming the layers there are if ``layer`` is given and not one of them."""
+def check_source(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> None:
+    """Check the caller's choice of matrix before anything is read or written.
+
+    ``KeyError`` naming the layers there are if ``layer`` is given and not one of them;
+    ``ValueError`` for ``use_raw`` with ``layer`` or without ``adata.raw``; ``TypeError`` for a
+    ``use_raw`` that is not a bool.
+    """
+    if not isinstance(use_raw, (bool, np.bool_)):
+        raise TypeError(f"use_raw must be True or False, got {use_raw!r}.")
+    if use_raw and layer is not None:
+        raise ValueError(f"Pass either layer={layer!r} or use_raw=True, not both: they name two different matrices.")
+    if use_raw and adata.raw is None:
+        raise ValueError("use_raw=True, but adata.raw is None. Leave use_raw=False to read layers['counts'] "
+                         "(if present) or X, or name the layer that holds the counts (layer=...).")
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} is not in adata.layers (it has {list(adata.layers.keys())}); "
                        "name the layer that holds the counts, or leave layer=None to read layers['counts'] "
                        "if present, else X.")
 
 
-def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: str | None = None) -> PreparedInput:
+def _raw_holds_counts(adata: ad.AnnData) -> bool:
+    """Whether ``adata.raw`` is there and its first cells are non-negative whole numbers (raw counts)."""
+    if adata.raw is None:
+        return False
+    try:
+        first = adata.raw.X[: min(_CHECK_ROWS, adata.n_obs)]
+    except Exception:  # noqa: BLE001 - an unreadable raw only loses the hint
+        return False
+    values = matrix_values(first)
+    return values.size > 0 and bool(np.isfinite(values).all() and values.min() >= 0) and is_integer_valued(first)
+
+
+def _raw_hint(adata: ad.AnnData, what: str) -> str:
+    return (f"adata.raw holds raw counts: pass use_raw=True to read them instead of {what} "
+            "(CELLxGENE and many published .h5ad files keep the counts there).")
+
+
+def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: str | None = None,
+                  use_raw: bool = False) -> PreparedInput:
     """Decide how to read ``adata``; raises the alignment/validation errors up front.
 
     ``layer``: read ``adata.layers[layer]`` (raw counts, or normalized / log1p values turned back
-    into counts); ``None``: ``layers['counts']`` if present, else ``X`` (or ``X`` as it is when
-    :func:`scxtrimo.pp.normalize` prepared it for the model).
+    into counts); ``use_raw``: read ``adata.raw.X`` with the genes of ``adata.raw.var``; neither:
+    ``layers['counts']`` if present, else ``X`` (or ``X`` as it is when
+    :func:`scxtrimo.pp.normalize` prepared it for the model). When ``X`` is read, is not raw
+    counts and ``adata.raw`` holds counts, the error or warning about ``X`` says to pass
+    ``use_raw=True``.
     """
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no cells (n_obs == 0).")
-    check_layer(adata, layer)
-    aligned = _is_aligned(adata) and gene_symbols is None
+    check_source(adata, layer, use_raw)
+    use_raw = bool(use_raw)
+    var = adata.raw.var if use_raw else adata.var
+    aligned = (not use_raw) and _is_aligned(adata) and gene_symbols is None
     if layer is None and aligned and is_xtrimo_normalized(adata) and _holds_log1p_cp10k(adata):
         return PreparedInput(adata, None, "prepared", int(adata.uns["xtrimo"].get("align", {}).get("n_matched", len(reference_genes()))))
-    named = layer is not None
-    if layer is None:
+    named = layer is not None or use_raw
+    if layer is None and not use_raw:
         layer = "counts" if "counts" in adata.layers else None
-    if layer is None and adata.X is None:
+    if layer is None and not use_raw and adata.X is None:
         raise ValueError("adata.X is None and there is no layers['counts']; put the expression matrix in X, "
-                         "or name the layer that holds it (layer=...).")
+                         "or name the matrix that holds it (layer=..., or use_raw=True for adata.raw.X).")
     mapping = None
     n_matched = len(reference_genes())
     if not aligned:
-        if gene_symbols is not None and gene_symbols not in adata.var:
-            raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of adata.var ({list(adata.var.columns)}).")
-        names = adata.var_names if gene_symbols is None else adata.var[gene_symbols]
-        mapping = gene_mapping(names, reference_genes(), var=adata.var)
+        if gene_symbols is not None and gene_symbols not in var:
+            where = "adata.raw.var" if use_raw else "adata.var"
+            raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of {where} ({list(var.columns)}).")
+        names = var.index if gene_symbols is None else var[gene_symbols]
+        mapping = gene_mapping(names, reference_genes(), var=var)
         warn_duplicates(mapping, stacklevel=4)
         n_matched = mapping.n_matched
-    prep = PreparedInput(adata, mapping, "counts", n_matched, layer, named)
+    prep = PreparedInput(adata, mapping, "counts", n_matched, layer, named, use_raw)
     first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]
-    _, kind = to_counts(first, uns=adata.uns, what=prep.what)
-    return PreparedInput(adata, mapping, kind, n_matched, layer, named)
+    hint = not named and layer is None and _raw_holds_counts(adata)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, kind = to_counts(first, uns=adata.uns, what=prep.what)
+    except ValueError as err:
+        if hint:
+            raise ValueError(f"{err} {_raw_hint(adata, prep.what)}") from None
+        raise
+    for w in caught:
+        message = f"{w.message} {_raw_hint(adata, prep.what)}" if hint and kind != "counts" else w.message
+        warnings.warn(message, w.category, stacklevel=3)
+    return PreparedInput(adata, mapping, kind, n_matched, layer, named, use_raw)
 
 
 def _check_same_kind(block, prep: PreparedInput, start: int, stop: int, what: str) -> None:

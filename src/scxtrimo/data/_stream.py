@@ -127,6 +127,8 @@ class H5adCorpus:
     layer
         ``layers`` key of the counts in every file (``None``: ``layers['counts']`` if present,
         else ``X``).
+    use_raw
+        Read every file's ``raw.X`` (genes: its ``raw.var``) instead.
     min_genes
         Keep cells with at least this many expressed reference genes (201: "more than 200").
     random_state
@@ -151,7 +153,7 @@ class H5adCorpus:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, block_cells: int = BLOCK_CELLS,
-                 gene_symbols: str | None = None, layer: str | None = None, min_genes: int = 201, random_state: int = 0,
+                 gene_symbols: str | None = None, layer: str | None = None, use_raw: bool = False, min_genes: int = 201, random_state: int = 0,
                  fractions: Sequence[float] = SPLIT):
         if block_cells < 1:
             raise ValueError(f"block_cells must be at least 1, got {block_cells}.")
@@ -169,7 +171,7 @@ class H5adCorpus:
             for p in self.paths:
                 adata = ad.read_h5ad(p, backed="r")
                 self._adatas.append(adata)
-                self._preps.append(prepare_input(adata, gene_symbols=gene_symbols, layer=layer))
+                self._preps.append(prepare_input(adata, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw))
         except Exception:
             self.close()
             raise
@@ -193,9 +195,9 @@ class H5adCorpus:
     def names(self) -> Iterator[str]:
         """Each file's cell and gene names, joined (what :func:`~scxtrimo.tl._checkpoint.fingerprint`
         identifies the corpus by in a training state, beside :meth:`describe`)."""
-        for a in self._adatas:
+        for a, prep in zip(self._adatas, self._preps):
             yield "\n".join(map(str, a.obs_names))
-            yield "\n".join(map(str, a.var_names))
+            yield "\n".join(map(str, prep.var_names))
 
     def _read(self, f: int, start: int, stop: int, buffered: int = 0) -> CellBlock:
         self._hold(buffered + (stop - start))

@@ -20,7 +20,7 @@ from ._model import plotted_model
 
 def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
                     batch_size: int = 8, random_state: int = 0, device: str = "auto", sparsity_bins: int = 4,
-                    layer: str | None = None) -> dict:
+                    layer: str | None = None, use_raw: bool = False) -> dict:
     """Predict masked values of real cells; Pearson r overall and by cell sparsity (section 5.3).
 
     Returns a dict with ``true`` and ``pred`` (masked non-zero targets), ``sparsity`` (per
@@ -40,7 +40,7 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
     model = plotted_model(model)
     dev = resolve_device(device)
     data = rna_modality(adata)
-    prep = prepare_input(data, layer=layer)
+    prep = prepare_input(data, layer=layer, use_raw=use_raw)
     C = counts_rows(prep, 0, min(n_cells, data.n_obs))
     check_no_empty_cells(C, data.obs_names)
     was_training = model.training
@@ -77,7 +77,8 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
 
 
 def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
-             random_state: int = 0, device: str = "auto", layer: str | None = None, show: bool | None = None,
+             random_state: int = 0, device: str = "auto", layer: str | None = None, use_raw: bool = False,
+             show: bool | None = None,
              save: str | None = None):
     """Predicted against true masked values, and Pearson r by sparsity (paper Fig. 3A analogue).
 
@@ -104,6 +105,8 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
     layer
         ``layers`` key of the counts to read, as in :func:`scxtrimo.tl.embed` (``None``:
         ``layers['counts']`` if present, else ``X``).
+    use_raw
+        Read the counts from ``adata.raw.X`` (genes: ``adata.raw.var``), as in :func:`scxtrimo.tl.embed`.
     show, save
         ``show=False`` returns the two axes; ``save`` is a file path to write the figure to.
 
@@ -116,7 +119,7 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
     ValueError
         ``n_cells`` is not a positive integer; the genes do not match the reference list, the
         values are negative or non-finite, or a cell expresses no reference gene (as in
-        :func:`scxtrimo.tl.embed`).
+        :func:`scxtrimo.tl.embed`); ``use_raw=True`` without ``adata.raw`` or with ``layer``.
     TypeError
         ``model`` is not a model or a checkpoint name or folder; more than one extra positional
         argument, or one beside ``model=``.
@@ -124,7 +127,8 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
         ``layer`` is not a key of ``layers``.
     """
     adata, model = legacy_model_first(adata, legacy, model)
-    res = masked_recovery(adata, model=model, n_cells=n_cells, random_state=random_state, device=device, layer=layer)
+    res = masked_recovery(adata, model=model, n_cells=n_cells, random_state=random_state, device=device, layer=layer,
+                          use_raw=use_raw)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     top = float(max(res["true"].max(), res["pred"].max()))
     a1.hist2d(res["true"], res["pred"], bins=60, range=[[0, top], [0, top]], cmap="magma_r", cmin=1)

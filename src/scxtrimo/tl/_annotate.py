@@ -28,7 +28,7 @@ from .._device import autocast, resolve_device
 from .._oom import retry_on_oom
 from .._validation import check_embedding, check_positive
 from ..data._batching import TokenBudgetSplit, csr_row_batch, on_grid, sortish_batches
-from ..data._prepare import check_layer, check_no_empty_cells, iter_log1p_blocks, prepare_input
+from ..data._prepare import check_no_empty_cells, check_source, iter_log1p_blocks, prepare_input
 from ..models._io import load as load_model
 from ..models._xtrimogene import XTrimoGene, check_pooling
 from ._embed import embed_matrix, map_cells, resolve_model, token_budget
@@ -241,9 +241,9 @@ def _batch_codes(data, batch_key: str | None, *, one_batch: bool = False) -> np.
 
 
 # ---- data -----------------------------------------------------------------------------------
-def _collect(adata, gene_symbols, layer, backbone: XTrimoGene):
+def _collect(adata, gene_symbols, layer, use_raw, backbone: XTrimoGene):
     """All cells as the backbone takes them (log1p CP10k, plus T = 4 and S for depth tokens)."""
-    prep = prepare_input(adata, gene_symbols=gene_symbols, layer=layer)
+    prep = prepare_input(adata, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw)
     depth = (4.0, "fixed") if backbone.config.depth_tokens else None
     X = sp.vstack([b for _, _, b in iter_log1p_blocks(prep, depth=depth)], format="csr")
     check_no_empty_cells(X, adata.obs_names)
@@ -420,6 +420,7 @@ def annotate(
     key_added: str = "xtrimo_label",
     gene_symbols: str | None = None,
     layer: str | None = None,
+    use_raw: bool = False,
     max_tokens: int | None = None,
     use_rep: str | None = None,
     pooling: str | None = None,
@@ -494,6 +495,8 @@ def annotate(
     layer
         ``layers`` key of the expression matrix to read, as in :func:`scxtrimo.tl.embed`
         (``None``: ``layers['counts']`` if present, else ``X``).
+    use_raw
+        Read ``adata.raw.X`` (genes: ``adata.raw.var``), as in :func:`scxtrimo.tl.embed`.
     max_tokens
         Encoder token budget per batch (cells x padded length). ``None``: the default of
         :func:`scxtrimo.tl.embed` (on CUDA smaller for wider encoders). When
@@ -550,7 +553,8 @@ def annotate(
         ``use_rep`` without ``freeze="all"``, not made by ``tl.embed`` with this checkpoint and
         pooling, or with NaN or infinite values; an unknown ``pooling``, or one other than a
         trained classifier's; the alignment/validation errors of :func:`scxtrimo.pp.align_genes`
-        (e.g. too few matched genes in a query); cells with no expressed reference gene.
+        (e.g. too few matched genes in a query); cells with no expressed reference gene;
+        ``use_raw=True`` without ``adata.raw`` or with ``layer``.
     TypeError
         ``obsm[use_rep]`` is a sparse matrix.
     KeyError
@@ -574,7 +578,7 @@ def annotate(
     dev = resolve_device(device)
     if labels_key is not None and labels_key not in data.obs:
         raise KeyError(f"obs[{labels_key!r}] not found; available columns: {list(data.obs.columns)}.")
-    check_layer(data, layer)
+    check_source(data, layer, use_raw)
     if labels_key is not None and labels_key in (key_added, f"{key_added}_confidence"):
         raise ValueError(f"key_added={key_added!r} would overwrite the labels in obs[{labels_key!r}]; pass another "
                          "key_added.")
@@ -604,7 +608,7 @@ def annotate(
         batches = _batch_codes(data, batch_key, one_batch=model.standardization == "batch")
         clf = model.to(dev)
         budget = token_budget(dev, max_tokens, config=clf.backbone.config)
-        X, prep = _collect(data, gene_symbols, layer, clf.backbone)
+        X, prep = _collect(data, gene_symbols, layer, use_raw, clf.backbone)
         if use_rep is not None or clf.standardization == "batch":
             emb = (_stored_embedding(data, use_rep, clf.backbone, clf.pooling) if use_rep is not None else
                    embed_matrix(clf.backbone, X, np.arange(data.n_obs), clf.pooling, dev, max_cells=256, max_tokens=budget))
@@ -671,7 +675,7 @@ def annotate(
     check_pooling(pooling, backbone.config)  # before the gene alignment, so a bad pooling or freeze fails at once
     freeze = _check_freeze(freeze, len(backbone.encoder.blocks))
     budget = token_budget(dev, max_tokens, config=backbone.config)
-    X, prep = _collect(data, gene_symbols, layer, backbone)
+    X, prep = _collect(data, gene_symbols, layer, use_raw, backbone)
     clf = CellTypeClassifier(backbone, classes, freeze, pooling=pooling,
                              standardization="reference" if batch_key is None else "batch").to(dev)
     _set_trainable(clf, freeze)

@@ -113,6 +113,7 @@ def embed(
     key_added: str = "X_xtrimo",
     gene_symbols: str | None = None,
     layer: str | None = None,
+    use_raw: bool = False,
     target_depth: float = 4.0,
     target_depth_mode: str = "fixed",
     total_counts_key: str | None = None,
@@ -143,8 +144,8 @@ def embed(
     ----------
     adata
         AnnData (or MuData: its RNA modality) with ``n_obs`` cells. ``X`` (or ``layers['counts']``
-        if present, or ``layers[layer]``) holds raw counts, or normalized / log1p values that are
-        turned back into counts (see :func:`scxtrimo.pp.normalize`).
+        if present, or ``layers[layer]``, or ``raw.X`` with ``use_raw``) holds raw counts, or
+        normalized / log1p values that are turned back into counts (see :func:`scxtrimo.pp.normalize`).
     model
         Checkpoint name (``"xtrimo-3m"``, bundled), checkpoint folder, or an
         :class:`~scxtrimo.models.XTrimoGene`.
@@ -172,6 +173,11 @@ def embed(
     layer
         ``layers`` key of the matrix to read (e.g. ``"raw_counts"``), as scanpy's ``layer=``.
         ``None`` (default): ``layers['counts']`` if present, else ``X``.
+    use_raw
+        Read ``adata.raw.X``, with the genes of ``adata.raw.var`` (and ``gene_symbols`` a column
+        of it), as scanpy's ``use_raw=``: where files from CELLxGENE and many other sources keep
+        the raw counts beside a normalized ``X``. When ``X`` is read, is not raw counts and
+        ``adata.raw`` holds counts, the warning (or error) about ``X`` says so.
     target_depth, target_depth_mode
         Models with depth tokens only: the target depth ``T`` given to the encoder beside the
         observed depth ``S = log10(total counts)``. ``"fixed"``: ``T = target_depth`` (default
@@ -184,7 +190,7 @@ def embed(
     bulk
         Bulk RNA-seq samples instead of single cells, with the authors' conventions (paper
         section 5.4.3; ``docs/scfoundation.md``, "Bulk RNA-seq"). The values
-        (``layers[layer]`` if given, else ``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
+        (``layers[layer]`` or ``raw.X`` if named, else ``X``, or ``layers['counts']`` for ``"counts"``) are taken as given, not checked for
         being integers or turned back into counts. ``"counts"``: raw (or expected) counts;
         every sample is scaled to the **median** total of all samples and ``log1p``'d (scanpy's
         ``normalize_total(target_sum=None)`` + ``log1p``); depth tokens ``T = S = log10`` of the
@@ -206,7 +212,7 @@ def embed(
       file's sha256; for a folder converted from it also ``source_sha256``), configuration,
       package version, number of reference genes matched, pooling, ``key_added``, the detected
       input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the matrix read
-      (``source``: ``"X"`` or ``"layers['<name>']"``), the depth-token
+      (``source``: ``"X"``, ``"raw.X"`` or ``"layers['<name>']"``), the depth-token
       settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``).
 
     Raises
@@ -219,7 +225,8 @@ def embed(
         ``target_depth_mode`` or ``bulk``; ``bulk`` with ``total_counts_key``; ``batch_size``
         or ``max_tokens`` not a positive integer; ``target_depth`` not a positive number
         (any finite number with ``target_depth_mode='offset'``); ``obs[total_counts_key]``
-        totals of at most 1; ``key_added`` not a non-empty string; ``copy=True`` for a backed
+        totals of at most 1; ``key_added`` not a non-empty string; ``use_raw=True`` without
+        ``adata.raw`` or with ``layer``; ``copy=True`` for a backed
         AnnData; cells after the first block whose values are of another kind (counts against
         log1p or normalized values) than the first cells'; a checkpoint that does not load.
         ``adata`` is unchanged when anything fails. A gene symbol in several columns is summed,
@@ -231,7 +238,9 @@ def embed(
         normalized to 10,000 and still holding those values; otherwise their counts are read.
     KeyError
         ``total_counts_key`` is not a column of ``obs``; ``gene_symbols`` is not a column of
-        ``var``; ``layer`` is not a key of ``layers``.
+        ``var`` (``raw.var`` with ``use_raw``); ``layer`` is not a key of ``layers``.
+    TypeError
+        ``use_raw`` is not a bool.
     """
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
@@ -246,7 +255,7 @@ def embed(
     target = adata.copy() if copy else adata
     data = rna_modality(target)
     with quiet_input_detection(bulk):
-        prep = prepare_input(data, gene_symbols=gene_symbols, layer=layer)
+        prep = prepare_input(data, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw)
     median = bulk_median(prep) if bulk == "counts" else None
     ctx, dev = init_distributed(device)
     try:

@@ -88,6 +88,7 @@ def gene_embed(
     device: str = "auto",
     gene_symbols: str | None = None,
     layer: str | None = None,
+    use_raw: bool = False,
     target_depth: float = 4.0,
     target_depth_mode: str = "fixed",
     total_counts_key: str | None = None,
@@ -134,7 +135,7 @@ def gene_embed(
         model needs about 1.5 GB per cell). On CUDA an out-of-memory pass is halved and retried.
     device
         ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
-    gene_symbols, layer, target_depth, target_depth_mode, total_counts_key, bulk
+    gene_symbols, layer, use_raw, target_depth, target_depth_mode, total_counts_key, bulk
         As in :func:`scxtrimo.tl.embed`.
     copy
         Return a new object instead of writing into ``adata``.
@@ -166,7 +167,8 @@ def gene_embed(
         cell); an empty or duplicated ``genes``; a ``groupby`` column without values; too few
         genes matching the reference list; negative or non-finite values; cells with no
         expressed reference gene; an unknown ``target_depth_mode`` or ``bulk``; ``batch_size``
-        not a positive integer; ``key_added='xtrimo'`` (scxtrimo's own record); a checkpoint
+        not a positive integer; ``key_added='xtrimo'`` (scxtrimo's own record); ``use_raw=True``
+        without ``adata.raw`` or with ``layer``; a checkpoint
         that does not load. ``adata`` is unchanged when anything fails. ``bulk=`` samples that
         express a median of fewer than 5,000 reference genes, as single cells do, get a
         ``UserWarning``.
@@ -201,7 +203,7 @@ def gene_embed(
     sel, names = _select_genes(genes)
     codes, groups = _groups(data0, groupby)
     with quiet_input_detection(bulk):
-        prep = prepare_input(data0, gene_symbols=gene_symbols, layer=layer)
+        prep = prepare_input(data0, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw)
     median = bulk_median(prep) if bulk == "counts" else None
     dev = resolve_device(device)
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file():  # the authors' file: its gene sub-model

@@ -53,7 +53,7 @@ def _as_list(data) -> list:
     return list(data)
 
 
-def collect_cells(data, *, gene_symbols: str | None = None, layer: str | None = None,
+def collect_cells(data, *, gene_symbols: str | None = None, layer: str | None = None, use_raw: bool = False,
                   min_genes: int = MIN_GENES) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Stack every input's cells that pass QC, as raw counts on the reference genes.
 
@@ -64,7 +64,7 @@ def collect_cells(data, *, gene_symbols: str | None = None, layer: str | None = 
     for i, item in enumerate(_as_list(data)):
         label = str(item) if isinstance(item, (str, os.PathLike)) else f"input{i}"
         adata = ad.read_h5ad(item, backed="r") if isinstance(item, (str, os.PathLike)) else rna_modality(item)
-        prep = prepare_input(adata, gene_symbols=gene_symbols, layer=layer)
+        prep = prepare_input(adata, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw)
         for start in range(0, adata.n_obs, prep.block_cells()):
             stop = min(start + prep.block_cells(), adata.n_obs)
             X = counts_rows(prep, start, stop)
@@ -171,6 +171,7 @@ def pretrain(
     min_genes: int = MIN_GENES,
     gene_symbols: str | None = None,
     layer: str | None = None,
+    use_raw: bool = False,
     device: str = "auto",
     random_state: int = 0,
     save_dir: str | os.PathLike | None = None,
@@ -278,6 +279,8 @@ def pretrain(
     layer
         ``layers`` key of the counts to read in every input (AnnData or ``.h5ad`` file), as in
         :func:`scxtrimo.tl.embed`; ``None``: ``layers['counts']`` if present, else ``X``.
+    use_raw
+        Read every input's ``raw.X`` (genes: its ``raw.var``), as in :func:`scxtrimo.tl.embed`.
     device
         ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``; under torchrun on CUDA each
         rank uses ``cuda:LOCAL_RANK``.
@@ -402,7 +405,7 @@ def pretrain(
     TypeError
         ``masking`` not a :class:`~scxtrimo.data.MaskingConfig`, ``thinning`` not a
         :class:`~scxtrimo.data.ThinningConfig`, ``config`` neither a name nor an
-        :class:`~scxtrimo.models.XTrimoGeneConfig`.
+        :class:`~scxtrimo.models.XTrimoGeneConfig`; ``use_raw`` not a bool.
     FileNotFoundError
         An input path that does not exist.
     KeyError
@@ -458,8 +461,8 @@ def pretrain(
             items, use_stream=use_stream, ctx=ctx, dev=dev, state=state, config=config, model=model, epochs=epochs,
             max_steps=max_steps, max_time=max_time, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip, masking=masking, eval_every=eval_every,
-            eval_cells=eval_cells, min_genes=min_genes, gene_symbols=gene_symbols, layer=layer, random_state=random_state,
-            save_dir=save_dir, progress=progress, grad_accum_steps=grad_accum_steps, strategy=strategy,
+            eval_cells=eval_cells, min_genes=min_genes, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw,
+            random_state=random_state, save_dir=save_dir, progress=progress, grad_accum_steps=grad_accum_steps, strategy=strategy,
             activation_checkpointing=activation_checkpointing, save_every=save_every, block_cells=block_cells,
             callback=callback, decoder_zeros=decoder_zeros, thinning=thinning, gene_init=gene_init,
             gene_lr_scale=float(gene_lr_scale), terms=terms,
@@ -473,14 +476,15 @@ def pretrain(
 
 def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_steps, max_time, batch_size, lr,
            weight_decay, warmup_steps, grad_clip, masking, eval_every, eval_cells, min_genes, gene_symbols, layer,
-           random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing, save_every,
+           use_raw, random_state, save_dir, progress, grad_accum_steps, strategy, activation_checkpointing, save_every,
            block_cells, callback, decoder_zeros=None, thinning=None, gene_init="random", gene_lr_scale=1.0,
            terms=CellTermsConfig()):
     torch.manual_seed(random_state)
     corpus = None
     X_train = None
     if use_stream:
-        corpus = H5adCorpus(items, block_cells=block_cells, gene_symbols=gene_symbols, layer=layer, min_genes=min_genes,
+        corpus = H5adCorpus(items, block_cells=block_cells, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw,
+                            min_genes=min_genes,
                             random_state=random_state)
         counts, val, test = corpus.scan(eval_cells)
         if counts["cells"] == 0:
@@ -493,7 +497,7 @@ def _train(items, *, use_stream, ctx, dev, state, config, model, epochs, max_ste
         data_desc = {"kind": "stream", "files": [list(d) for d in corpus.describe()], "block_cells": int(block_cells),
                      "fingerprint": fingerprint(corpus.names())}
     else:
-        X, _ = collect_cells(items, gene_symbols=gene_symbols, layer=layer, min_genes=min_genes)
+        X, _ = collect_cells(items, gene_symbols=gene_symbols, layer=layer, use_raw=use_raw, min_genes=min_genes)
         split = split_cells(X.shape[0], random_state)
         X_train, X_val, X_test = (X[split[k]] for k in ("train", "validation", "test"))
         n_cells = X.shape[0]
