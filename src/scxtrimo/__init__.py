@@ -7,7 +7,7 @@ training path (``scxtrimo.models``, ``scxtrimo.data``) work with torch, NumPy an
 e.g. on a GPU machine without scanpy or anndata.
 """
 
-import importlib
+import importlib as _importlib
 
 from ._reference import N_GENES as _N_GENES
 from ._reference import reference_genes
@@ -23,7 +23,7 @@ __all__ = [*_SUBMODULES, "reference_genes", "N_GENES", "__version__"]
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return _importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'scxtrimo' has no attribute {name!r}")
 
 

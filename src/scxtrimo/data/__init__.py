@@ -4,7 +4,7 @@ Names are imported on first use: masking, batching, depth tokens and the packed 
 torch, NumPy and SciPy only; the streamed ``.h5ad`` corpus needs anndata.
 """
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes as _lazy_attributes
 
 _WHERE = {
     "TokenBatch": "_batching", "csr_row_batch": "_batching", "length_batches": "_batching",
@@ -19,4 +19,4 @@ _WHERE = {
 
 __all__ = list(_WHERE)
 
-__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())
+__getattr__, __dir__ = _lazy_attributes(__name__, _WHERE, globals())

@@ -4,7 +4,7 @@ Names are imported on first use, so that ``scxtrimo.tl._distributed`` (torch onl
 machine without anndata or scanpy.
 """
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes as _lazy_attributes
 
 _WHERE = {
     "embed": "_embed", "pretrain": "_pretrain", "annotate": "_annotate", "CellTypeClassifier": "_annotate",
@@ -13,4 +13,4 @@ _WHERE = {
 
 __all__ = list(_WHERE)
 
-__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())
+__getattr__, __dir__ = _lazy_attributes(__name__, _WHERE, globals())
