@@ -36,7 +36,7 @@ from scxtrimo._inference import map_cells, token_budget
 from scxtrimo.data._prepare import iter_log1p_blocks, prepare_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedding_quality import benchmark_sets, score  # noqa: E402
+from embedding_quality import benchmark_sets, score
 
 READOUTS = ("mean", "max", "wmean", "wsum", "sum", "sqrtmean")
 
