@@ -74,8 +74,8 @@ def bulk_values(prep, start: int, stop: int, bulk: str) -> sp.csr_matrix:
 
     ``bulk="counts"`` reads what :func:`scxtrimo.tl.embed` reads for counts (``layers[layer]``
     or ``raw.X`` if named, else ``layers['counts']`` if present, else ``X``); ``"normalized"``
-    reads ``layers[layer]`` or ``raw.X`` if named, else ``X``. Data prepared by :func:`scxtrimo.pp.normalize` give
-    their ``layers['counts']`` or their ``X``.
+    reads ``layers[layer]`` or ``raw.X`` if named, else ``X``. Data prepared by
+    :func:`scxtrimo.pp.normalize` give their ``layers['counts']`` or their ``X``.
     """
     if prep.kind == "prepared":
         return counts_rows(prep, start, stop) if bulk == "counts" else log1p_rows(prep, start, stop)

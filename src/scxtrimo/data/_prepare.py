@@ -185,17 +185,18 @@ def prepare_input(adata: ad.AnnData, *, gene_symbols: str | None = None, layer: 
         n_matched = mapping.n_matched
     prep = PreparedInput(adata, mapping, "counts", n_matched, layer, named, use_raw)
     first = prep.matrix()[: min(prep.block_cells(), adata.n_obs)]
-    hint = not named and layer is None and _raw_holds_counts(adata)
+    may_hint = not named and layer is None  # X is read: raw may hold the counts X is not
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _, kind = to_counts(first, uns=adata.uns, what=prep.what)
     except ValueError as err:
-        if hint:
+        if may_hint and _raw_holds_counts(adata):
             raise ValueError(f"{err} {_raw_hint(adata, prep.what)}") from None
         raise
+    hint = may_hint and kind != "counts" and _raw_holds_counts(adata)
     for w in caught:
-        message = f"{w.message} {_raw_hint(adata, prep.what)}" if hint and kind != "counts" else w.message
+        message = f"{w.message} {_raw_hint(adata, prep.what)}" if hint else w.message
         warnings.warn(message, w.category, stacklevel=3)
     return PreparedInput(adata, mapping, kind, n_matched, layer, named, use_raw)
 

@@ -153,8 +153,8 @@ class H5adCorpus:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, block_cells: int = BLOCK_CELLS,
-                 gene_symbols: str | None = None, layer: str | None = None, use_raw: bool = False, min_genes: int = 201, random_state: int = 0,
-                 fractions: Sequence[float] = SPLIT):
+                 gene_symbols: str | None = None, layer: str | None = None, use_raw: bool = False, min_genes: int = 201,
+                 random_state: int = 0, fractions: Sequence[float] = SPLIT):
         if block_cells < 1:
             raise ValueError(f"block_cells must be at least 1, got {block_cells}.")
         self.paths = [Path(p) for p in paths]

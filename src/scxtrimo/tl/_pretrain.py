@@ -396,6 +396,7 @@ def pretrain(
         ``gene_init`` or ``cell_readout``; a negative ``gene_lr_scale``, ``cell_weight`` or
         ``factor_weight``; ``cell_weight > 0`` with a trained gene table under FSDP on several
         processes; ``gene_init="coexpression"`` with streamed input or with ``model``;
+        ``use_raw=True`` with ``layer``, or for an input without ``raw``;
         ``batch_size`` smaller than world size x ``grad_accum_steps``; ``save_every`` without
         ``save_dir``; ``resume`` without a saved training state, or with settings (model
         configuration, batch size, learning-rate schedule, masking, seed, data, ...) that
