@@ -75,7 +75,7 @@ def test_layer_names_the_matrix_to_read(small, model):
     np.testing.assert_allclose(logged.obsm["X_bulk"], user.obsm["X_bulk"], atol=1e-5)
 
 
-def _raw_holds_counts(cells):
+def _counts_kept_in_raw(cells):
     """As CELLxGENE and scanpy pipelines leave it: the counts of every gene in ``raw``, ``X``
     log-normalized on 500 highly variable genes."""
     import scanpy as sc
@@ -94,7 +94,7 @@ def test_use_raw_reads_the_counts_kept_in_raw(small, model):
     use_raw without raw, with layer, or not a bool fails before anything is written."""
     cells = small[:40].copy()
     scxtrimo.tl.embed(cells, model=model, progress=False)
-    user = _raw_holds_counts(cells)
+    user = _counts_kept_in_raw(cells)
     with pytest.warns(UserWarning, match=r"adata\.raw holds raw counts: pass use_raw=True"):
         scxtrimo.tl.embed(user, model=model, key_added="X_from_x", progress=False)
     assert np.abs(user.obsm["X_from_x"] - cells.obsm["X_xtrimo"]).max() > 0.1  # 500 genes are not the cell
@@ -123,7 +123,7 @@ def test_use_raw_reads_a_backed_file_and_the_hint_joins_errors(small, model, tmp
     fails with the pointer to raw."""
     cells = small[:40].copy()
     scxtrimo.tl.embed(cells, model=model, progress=False)
-    user = _raw_holds_counts(cells)
+    user = _counts_kept_in_raw(cells)
     user.write_h5ad(tmp_path / "raw.h5ad")
     backed = ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")
     scxtrimo.tl.embed(backed, model=model, use_raw=True, progress=False)
