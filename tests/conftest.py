@@ -53,6 +53,22 @@ def pbmc3k_embedded(pbmc3k_session) -> ad.AnnData:
 
 
 @pytest.fixture(scope="session")
+def pbmc3k_sixth(pbmc3k_embedded) -> ad.AnnData:
+    """Every sixth pbmc3k cell (440 cells, all 8 types) with two embeddings, both mean-pooled:
+    ``obsm['X_xtrimo']``, the bundled checkpoint's (those rows of :func:`pbmc3k_embedded`), and
+    ``obsm['X_random']``, the same architecture with random weights (``torch.manual_seed(0)``;
+    also an untrained model's random gene embeddings). ``uns['xtrimo']['params']`` describes
+    the random one, embedded last. Copy it before changing it."""
+    from scxtrimo.models import XTrimoGene
+
+    adata = pbmc3k_embedded[::6].copy()
+    torch.manual_seed(0)
+    random = XTrimoGene(scxtrimo.models.load("xtrimo-3m").config)
+    scxtrimo.tl.embed(adata, model=random, key_added="X_random", pooling="mean", progress=False)
+    return adata
+
+
+@pytest.fixture(scope="session")
 def cellbench() -> ad.AnnData:
     return read_shared("cellbench_lung_celllines")
 

@@ -1,9 +1,12 @@
-"""The documentation builds without warnings, and the first tutorial runs end to end."""
+"""The documentation builds without warnings; the tutorials call the API as it is, are committed
+executed, and (slow) run end to end."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,16 +37,99 @@ def test_every_public_name_is_in_the_api_reference():
     assert not missing, f"public names missing from docs/api/index.md: {missing}"
 
 
-def test_first_tutorial_executes(tmp_path):
+NOTEBOOKS = sorted((REPO / "docs" / "notebooks").glob("*.ipynb"))
+
+
+def _scxtrimo_calls(source: str) -> list[tuple[str, int, list[str], int]]:
+    """Each call of a scxtrimo name in ``source``: (dotted name, number of positional arguments,
+    keyword names, line). Names bound by ``import scxtrimo [as x]`` and ``from scxtrimo... import
+    y [as z]`` are followed; ``*args`` and ``**kwargs`` at a call site are not counted."""
+    import ast
+
+    tree = ast.parse(source)
+    bound = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound.update({a.asname or a.name: a.name for a in node.names if a.name.split(".")[0] == "scxtrimo"})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "scxtrimo":
+            bound.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    calls = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        parts, f = [], node.func
+        while isinstance(f, ast.Attribute):
+            parts.append(f.attr)
+            f = f.value
+        if isinstance(f, ast.Name) and f.id in bound:
+            name = ".".join([bound[f.id], *reversed(parts)])
+            positional = sum(not isinstance(a, ast.Starred) for a in node.args)
+            calls.append((name, positional, [k.arg for k in node.keywords if k.arg is not None], node.lineno))
+    return calls
+
+
+def _resolve(name: str):
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(name)
+
+
+def test_tutorials_call_the_api_as_it_is():
+    """Every scxtrimo function the four tutorials call exists and takes the arguments they pass
+    (names and number), so a renamed function or keyword fails the default run; running them
+    is the slow ``test_tutorial_executes``."""
+    import inspect
+
+    import nbformat
+
+    assert len(NOTEBOOKS) == 4
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        source = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+        calls = _scxtrimo_calls(source)
+        assert len(calls) >= 3, (path.name, calls)
+        for name, positional, keywords, line in calls:
+            try:
+                inspect.signature(_resolve(name)).bind_partial(*([None] * positional), **dict.fromkeys(keywords))
+            except TypeError as err:
+                raise AssertionError(f"{path.name}, line {line}: {name}: {err}") from None
+
+
+def test_the_call_check_sees_a_wrong_keyword():
+    calls = _scxtrimo_calls("import scxtrimo as sx\nfrom scxtrimo.tl import embed as e\n"
+                            "sx.tl.embed(a, poolin='mean')\ne(a, b, **kw)\nlen(a)")
+    assert calls == [("scxtrimo.tl.embed", 1, ["poolin"], 3), ("scxtrimo.tl.embed", 2, [], 4)]
+    import inspect
+
+    with pytest.raises(TypeError, match="poolin"):
+        inspect.signature(_resolve(calls[0][0])).bind_partial(None, poolin=None)
+    with pytest.raises(TypeError):  # adata is the only positional argument
+        inspect.signature(_resolve(calls[1][0])).bind_partial(None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_tutorial_executes(path):
+    """Runs a tutorial in a fresh kernel (the first takes about 100 s on two cores, as long as the
+    rest of tests/test_docs.py; tutorials 2-4 read ../shared/data)."""
     import nbclient
     import nbformat
 
-    path = REPO / "docs" / "notebooks" / "01_embed_cluster_pbmc3k.ipynb"
     nb = nbformat.read(path, as_version=4)
     env_backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures become PNG outputs
     try:
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+        nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         if env_backend is None:
@@ -52,18 +138,18 @@ def test_first_tutorial_executes(tmp_path):
             os.environ["MPLBACKEND"] = env_backend
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    table = next(o for o in outputs if "text/html" in o.get("data", {}) and "ari" in o["data"]["text/html"])
-    assert "xTrimoGene" in table["data"]["text/html"] and "PCA" in table["data"]["text/html"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    if path.stem.startswith("01"):
+        table = next(o for o in outputs if "text/html" in o.get("data", {}) and "ari" in o["data"]["text/html"])
+        assert "xTrimoGene" in table["data"]["text/html"] and "PCA" in table["data"]["text/html"]
 
 
 def test_tutorials_are_committed_executed():
     """Every tutorial is committed with its outputs (run on CPU), in order, and without errors."""
     import nbformat
 
-    paths = sorted((REPO / "docs" / "notebooks").glob("*.ipynb"))
-    assert len(paths) == 4
-    for path in paths:
+    assert len(NOTEBOOKS) == 4
+    for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         counts = [c.get("execution_count") for c in code]

@@ -2,27 +2,21 @@
 
 import numpy as np
 import pytest
-import torch
 
 import scxtrimo
-from scxtrimo.models import XTrimoGene
 
 
 @pytest.fixture(scope="module")
-def embedded(pbmc3k_embedded):
-    """pbmc3k embedded by the bundled checkpoint (``tl.embed`` defaults, the shared fixture), and a
-    third of its cells also embedded by the same architecture with random weights."""
+def embedded(pbmc3k_embedded, pbmc3k_sixth):
+    """pbmc3k embedded by the bundled checkpoint (``tl.embed`` defaults, the shared fixture), and
+    a sixth of its cells also embedded by the same architecture with random weights."""
     adata = pbmc3k_embedded.copy()
     assert adata.uns["xtrimo"]["params"]["model"] == "xtrimo-3m"
-    third = adata[::3].copy()  # 880 cells, all 8 types
-    torch.manual_seed(0)
-    random = XTrimoGene(scxtrimo.models.load("xtrimo-3m").config)  # same architecture, random weights
-    scxtrimo.tl.embed(third, model=random, key_added="X_random", pooling="mean", progress=False)  # the bundled one's
-    return adata, third
+    return adata, pbmc3k_sixth.copy()
 
 
 def test_pretrained_beats_random_initialisation(embedded):
-    adata, third = embedded
+    adata, sixth = embedded
     trained = scxtrimo.tl.evaluate_clustering(adata, labels_key="cell_type", use_rep="X_xtrimo")
     assert trained["n_clusters"] == 8
     assert scxtrimo.models.load("xtrimo-3m").default_pooling == "mean"  # what tl.embed used for X_xtrimo
@@ -30,13 +24,14 @@ def test_pretrained_beats_random_initialisation(embedded):
     # docs/benchmarks/embedding_quality.csv), less a margin for platform float differences
     assert trained["ari"] >= 0.55, trained
     assert adata.uns["xtrimo"]["clustering"]["X_xtrimo"]["ari"] == trained["ari"]
-    # against random weights, on the same 880 cells
-    trained = scxtrimo.tl.evaluate_clustering(third, labels_key="cell_type", use_rep="X_xtrimo")
-    random = scxtrimo.tl.evaluate_clustering(third, labels_key="cell_type", use_rep="X_random")
+    # against random weights, on the same 440 cells (measured 0.505 against 0.035; seeds 0-2: 0.504-0.515
+    # against 0.032-0.035)
+    trained = scxtrimo.tl.evaluate_clustering(sixth, labels_key="cell_type", use_rep="X_xtrimo")
+    random = scxtrimo.tl.evaluate_clustering(sixth, labels_key="cell_type", use_rep="X_random")
     assert trained["n_clusters"] == random["n_clusters"] == 8
     assert trained["ari"] > random["ari"] + 0.3, (trained, random)
     assert trained["nmi"] > random["nmi"], (trained, random)
-    params = third.uns["xtrimo"]["params"]
+    params = sixth.uns["xtrimo"]["params"]
     assert params["key_added"] == "X_random" and params["model"] == "untrained"
 
 
