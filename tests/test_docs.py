@@ -1,6 +1,9 @@
 """The documentation builds without warnings; the tutorials call the API as it is, are committed
 executed, and (slow) run end to end."""
 
+import ast
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -24,8 +27,6 @@ def test_sphinx_builds_without_warnings(tmp_path):
 
 
 def test_every_public_name_is_in_the_api_reference():
-    import importlib
-
     import scxtrimo
 
     page = (REPO / "docs" / "api" / "index.md").read_text()
@@ -44,8 +45,6 @@ def _scxtrimo_calls(source: str) -> list[tuple[str, int, list[str], int]]:
     """Each call of a scxtrimo name in ``source``: (dotted name, number of positional arguments,
     keyword names, line). Names bound by ``import scxtrimo [as x]`` and ``from scxtrimo... import
     y [as z]`` are followed; ``*args`` and ``**kwargs`` at a call site are not counted."""
-    import ast
-
     tree = ast.parse(source)
     bound = {}
     for node in ast.walk(tree):
@@ -69,8 +68,6 @@ def _scxtrimo_calls(source: str) -> list[tuple[str, int, list[str], int]]:
 
 
 def _resolve(name: str):
-    import importlib
-
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         try:
@@ -87,8 +84,6 @@ def test_tutorials_call_the_api_as_it_is():
     """Every scxtrimo function the four tutorials call exists and takes the arguments they pass
     (names and number), so a renamed function or keyword fails the default run; running them
     is the slow ``test_tutorial_executes``."""
-    import inspect
-
     import nbformat
 
     assert len(NOTEBOOKS) == 4
@@ -109,8 +104,6 @@ def test_the_call_check_sees_a_wrong_keyword():
     calls = _scxtrimo_calls("import scxtrimo as sx\nfrom scxtrimo.tl import embed as e\n"
                             "sx.tl.embed(a, poolin='mean')\ne(a, b, **kw)\nlen(a)")
     assert calls == [("scxtrimo.tl.embed", 1, ["poolin"], 3), ("scxtrimo.tl.embed", 2, [], 4)]
-    import inspect
-
     with pytest.raises(TypeError, match="poolin"):
         inspect.signature(_resolve(calls[0][0])).bind_partial(None, poolin=None)
     with pytest.raises(TypeError):  # adata is the only positional argument
@@ -120,8 +113,8 @@ def test_the_call_check_sees_a_wrong_keyword():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_executes(path):
-    """Runs a tutorial in a fresh kernel (the first takes about 100 s on two cores, as long as the
-    rest of tests/test_docs.py; tutorials 2-4 read ../shared/data)."""
+    """Runs a tutorial in a fresh kernel. On two cores: 100, 95, 156 and 663 s (17 minutes in
+    all); tutorials 2-4 read ../shared/data."""
     import nbclient
     import nbformat
 
