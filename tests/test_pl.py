@@ -92,10 +92,9 @@ def test_recovery_needs_at_least_one_cell(bundled, pbmc3k):
 
 
 @pytest.fixture
-def embedded(bundled, pbmc3k):
-    small = pbmc3k[:200].copy()
-    scxtrimo.tl.embed(small, model=bundled, progress=False)
-    return small
+def embedded(pbmc3k_embedded):
+    """200 pbmc3k cells with tl.embed's defaults (the session's embedding, those rows)."""
+    return pbmc3k_embedded[:200].copy()
 
 
 def test_embedding_recomputes_the_umap_when_the_embedding_or_settings_change(bundled, embedded):
