@@ -5,6 +5,7 @@ import ast
 import importlib
 import inspect
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,19 +68,6 @@ def _scxtrimo_calls(source: str) -> list[tuple[str, int, list[str], int]]:
     return calls
 
 
-def _resolve(name: str):
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(name)
-
-
 def test_tutorials_call_the_api_as_it_is():
     """Every scxtrimo function the four tutorials call exists and takes the arguments they pass
     (names and number), so a renamed function or keyword fails the default run; running them
@@ -95,7 +83,8 @@ def test_tutorials_call_the_api_as_it_is():
         assert len(calls) >= 3, (path.name, calls)
         for name, positional, keywords, line in calls:
             try:
-                inspect.signature(_resolve(name)).bind_partial(*([None] * positional), **dict.fromkeys(keywords))
+                signature = inspect.signature(pkgutil.resolve_name(name))
+                signature.bind_partial(*([None] * positional), **dict.fromkeys(keywords))
             except TypeError as err:
                 raise AssertionError(f"{path.name}, line {line}: {name}: {err}") from None
 
@@ -105,9 +94,9 @@ def test_the_call_check_sees_a_wrong_keyword():
                             "sx.tl.embed(a, poolin='mean')\ne(a, b, **kw)\nlen(a)")
     assert calls == [("scxtrimo.tl.embed", 1, ["poolin"], 3), ("scxtrimo.tl.embed", 2, [], 4)]
     with pytest.raises(TypeError, match="poolin"):
-        inspect.signature(_resolve(calls[0][0])).bind_partial(None, poolin=None)
+        inspect.signature(pkgutil.resolve_name(calls[0][0])).bind_partial(None, poolin=None)
     with pytest.raises(TypeError):  # adata is the only positional argument
-        inspect.signature(_resolve(calls[1][0])).bind_partial(None, None)
+        inspect.signature(pkgutil.resolve_name(calls[1][0])).bind_partial(None, None)
 
 
 @pytest.mark.slow
