@@ -58,7 +58,8 @@ def pbmc3k_sixth(pbmc3k_embedded) -> ad.AnnData:
     ``obsm['X_xtrimo']``, the bundled checkpoint's (those rows of :func:`pbmc3k_embedded`), and
     ``obsm['X_random']``, the same architecture with random weights (``torch.manual_seed(0)``;
     also an untrained model's random gene embeddings). ``uns['xtrimo']['params']`` describes
-    the random one, embedded last. Copy it before changing it."""
+    the random one, embedded last; ``uns['xtrimo']['params_by_key']`` both. Copy it before
+    changing it."""
     from scxtrimo.models import XTrimoGene
 
     adata = pbmc3k_embedded[::6].copy()

@@ -230,29 +230,37 @@ def test_linear_probe_reuses_stored_embedding(pbmc3k_session, pbmc3k_embedded, t
         scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", labels_key="cell_type", freeze="none")
     with pytest.raises(KeyError, match="tl.embed"):
         scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", **kw)
-    scxtrimo.tl.embed(adata, pooling="max", progress=False)
+    scxtrimo.tl.embed(adata, pooling="max", key_added="X_max", progress=False)
     with pytest.raises(ValueError, match="pooling='mean'"):  # stored embedding made with another pooling than
         # the checkpoint's default (mean for the bundled xtrimo-3m), which tl.annotate uses
-        scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", **kw)
+        scxtrimo.tl.annotate(adata, use_rep="X_max", **kw)
     # pooling= chooses another: the max-pooled probe on the stored max-pooled embedding
     maxed = adata.copy()
-    clf_max = scxtrimo.tl.annotate(maxed, use_rep="X_xtrimo", pooling="max", **kw)
+    clf_max = scxtrimo.tl.annotate(maxed, use_rep="X_max", pooling="max", **kw)
     assert clf_max.pooling == "max" and clf_max.head.in_features == 128
     assert maxed.uns["xtrimo"]["annotate"]["test_macro_f1"] > 0.5  # 8 types: a majority guess scores about 0.08
     with pytest.raises(ValueError, match="trained with pooling='max'"):
         scxtrimo.tl.annotate(maxed.copy(), model=clf_max, pooling="mean", progress=False)
     with pytest.raises(ValueError, match="Unknown pooling"):
-        scxtrimo.tl.annotate(adata.copy(), use_rep="X_xtrimo", pooling="median", **kw)
+        scxtrimo.tl.annotate(adata.copy(), use_rep="X_max", pooling="median", **kw)
     # tl.embed's defaults on these cells: the session's embedding of all pbmc3k, at these rows
-    # (tl.embed gives each cell the same embedding whatever cells it is embedded with)
+    # (tl.embed gives each cell the same embedding whatever cells it is embedded with), as if
+    # embedded under its own key beside the max-pooled one; uns['xtrimo']['params'] describes the
+    # latest call only, params_by_key each key
     stored = pbmc3k_embedded[::6]
-    adata.obsm["X_xtrimo"], adata.uns["xtrimo"] = stored.obsm["X_xtrimo"].copy(), copy.deepcopy(stored.uns["xtrimo"])
+    adata.obsm["X_xtrimo"] = stored.obsm["X_xtrimo"].copy()
+    adata.uns["xtrimo"]["params_by_key"]["X_xtrimo"] = copy.deepcopy(stored.uns["xtrimo"]["params_by_key"]["X_xtrimo"])
+    by_key = adata.uns["xtrimo"]["params_by_key"]
+    assert by_key["X_max"]["pooling"] == "max" and by_key["X_xtrimo"]["pooling"] == "mean"
+    assert adata.uns["xtrimo"]["params"]["key_added"] == "X_max"
     own, query = adata.copy(), adata.copy()
     clf = scxtrimo.tl.annotate(adata, use_rep="X_xtrimo", **kw)
     scxtrimo.tl.annotate(own, **kw)
     np.testing.assert_allclose(adata.obsm["xtrimo_label_probabilities"], own.obsm["xtrimo_label_probabilities"], atol=1e-4)
     assert adata.uns["xtrimo"]["annotate"]["test_macro_f1"] == pytest.approx(own.uns["xtrimo"]["annotate"]["test_macro_f1"])
-    # applying the probe to a query that carries the same checkpoint's embedding skips the encoder
+    # applying the probe to a query that carries the same checkpoint's embedding skips the encoder;
+    # the query's record is a file's from before params_by_key, which had uns['xtrimo']['params'] only
+    query.uns["xtrimo"] = {"params": dict(by_key["X_xtrimo"])}
     scxtrimo.tl.annotate(query, model=clf, use_rep="X_xtrimo", progress=False)
     np.testing.assert_allclose(query.obsm["xtrimo_label_probabilities"], adata.obsm["xtrimo_label_probabilities"], atol=1e-5)
     # batch standardization on two halves of one data set (the same mix of types in each) costs
@@ -283,14 +291,15 @@ def test_linear_probe_reuses_stored_embedding(pbmc3k_session, pbmc3k_embedded, t
         scxtrimo.tl.annotate(halves.copy(), model=clf, use_rep="X_xtrimo", batch_key="half", progress=False)
     # NaN or infinite embedding rows are refused, in training and in prediction, before anything is written
     bad = pbmc3k_session[::6].copy()
-    bad.obsm["X_xtrimo"], bad.uns["xtrimo"] = adata.obsm["X_xtrimo"].copy(), {"params": dict(adata.uns["xtrimo"]["params"])}
+    record = {"params_by_key": {"X_xtrimo": dict(adata.uns["xtrimo"]["params_by_key"]["X_xtrimo"])}}
+    bad.obsm["X_xtrimo"], bad.uns["xtrimo"] = adata.obsm["X_xtrimo"].copy(), record
     bad.obsm["X_xtrimo"][:3] = np.nan
     bad.obsm["X_xtrimo"][5, 0] = np.inf
     for call in (lambda: scxtrimo.tl.annotate(bad, use_rep="X_xtrimo", **kw),
                  lambda: scxtrimo.tl.annotate(bad, model=clf, use_rep="X_xtrimo", progress=False)):
         with pytest.raises(ValueError, match="non-finite values in 4 cells"):
             call()
-        assert "xtrimo_label" not in bad.obs and list(bad.uns["xtrimo"]) == ["params"]
+        assert "xtrimo_label" not in bad.obs and list(bad.uns["xtrimo"]) == ["params_by_key"]
     assert torch.isfinite(clf.feature_mean).all()
 
 

@@ -33,6 +33,9 @@ def test_pretrained_beats_random_initialisation(embedded):
     assert trained["nmi"] > random["nmi"], (trained, random)
     params = sixth.uns["xtrimo"]["params"]
     assert params["key_added"] == "X_random" and params["model"] == "untrained"
+    # each key keeps the record of the call that made it
+    by_key = sixth.uns["xtrimo"]["params_by_key"]
+    assert by_key["X_random"] == params and by_key["X_xtrimo"]["model"] == "xtrimo-3m"
 
 
 def test_embedding_is_informative(embedded):

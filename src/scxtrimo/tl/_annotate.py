@@ -276,13 +276,14 @@ def _stored_embedding(data, use_rep: str, backbone: XTrimoGene, pooling: str) ->
     """``obsm[use_rep]`` as float32, checked to be ``backbone``'s embedding from ``tl.embed``."""
     if use_rep not in data.obsm:
         raise KeyError(f"obsm[{use_rep!r}] not found; run scxtrimo.tl.embed(adata, key_added={use_rep!r}) first.")
-    params = data.uns.get("xtrimo", {}).get("params", {})
+    entry = data.uns.get("xtrimo", {})
+    params = entry.get("params_by_key", {}).get(use_rep) or entry.get("params", {})  # files written before params_by_key have only params
     sha = backbone.checkpoint_sha256
     made_here = (params.get("key_added") == use_rep and sha is not None and params.get("sha256") == str(sha)
                  and params.get("pooling") == pooling)
     if not made_here:
         raise ValueError(f"obsm[{use_rep!r}] was not made by tl.embed with checkpoint "
-                         f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params'] "
+                         f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params_by_key'] "
                          f"says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
     emb = check_embedding(data.obsm[use_rep], use_rep).astype(np.float32)
     width = backbone.embedding_width(pooling)
@@ -509,7 +510,7 @@ def annotate(
     use_rep
         Linear probe only (training with ``freeze="all"``, or applying a classifier trained so):
         an ``obsm`` key holding this checkpoint's embeddings from :func:`scxtrimo.tl.embed`
-        (same checkpoint sha256 and pooling, as recorded in ``uns['xtrimo']['params']``), used
+        (same checkpoint sha256 and pooling, as recorded in ``uns['xtrimo']['params_by_key']``), used
         instead of embedding the cells again.
     pooling
         Training only: the pooling over genes (``"max"``, ``"mean"``, or ``"all"`` for a

@@ -213,7 +213,10 @@ def embed(
       package version, number of reference genes matched, pooling, ``key_added``, the detected
       input kind (``'bulk-counts'`` / ``'bulk-normalized'`` with ``bulk``), the matrix read
       (``source``: ``"X"``, ``"raw.X"`` or ``"layers['<name>']"``), the depth-token
-      settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``).
+      settings, and with ``bulk="counts"`` the median total used (``bulk_target_sum``). This
+      describes the latest call; ``uns['xtrimo']['params_by_key'][key_added]`` keeps the same
+      record for every ``key_added`` embedded so far (so that embeddings of several checkpoints
+      or poolings under different keys each keep theirs).
 
     Raises
     ------
@@ -290,6 +293,9 @@ def embed(
     data.obsm[key_added] = out
     params = input_params(net, prep, bulk=bulk, median=median, target_depth=target_depth,
                           target_depth_mode=target_depth_mode, total_counts_key=total_counts_key)
-    xtrimo_uns(data)["params"] = {**params, "pooling": pooling, "key_added": key_added, "device": dev.type,
-                                  "world_size": ctx.world_size}
+    record = {**params, "pooling": pooling, "key_added": key_added, "device": dev.type, "world_size": ctx.world_size}
+    entry = xtrimo_uns(data)
+    entry["params"] = record
+    by_key = entry.get("params_by_key")
+    entry["params_by_key"] = {**(by_key if isinstance(by_key, dict) else {}), key_added: dict(record)}
     return target if copy else None
