@@ -283,8 +283,8 @@ def _stored_embedding(data, use_rep: str, backbone: XTrimoGene, pooling: str) ->
                  and params.get("pooling") == pooling)
     if not made_here:
         raise ValueError(f"obsm[{use_rep!r}] was not made by tl.embed with checkpoint "
-                         f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (uns['xtrimo']['params_by_key'] "
-                         f"says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
+                         f"{backbone.checkpoint_name or 'untrained'} and pooling={pooling!r} (its record in "
+                         f"uns['xtrimo'] says {params or 'nothing'}); embed with that model first, or leave use_rep=None.")
     emb = check_embedding(data.obsm[use_rep], use_rep).astype(np.float32)
     width = backbone.embedding_width(pooling)
     if emb.shape != (data.n_obs, width):
