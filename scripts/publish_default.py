@@ -1,4 +1,4 @@
-"""Publish a pretrained checkpoint as the bundled default ``xtrimo-3m``, with its model card.
+"""Publish a pretrained checkpoint as the bundled default, with its model card.
 
     python scripts/publish_default.py runs/ckpt_cont_depth \\
         --histories runs/abl_depth/history.csv runs/cont_depth/history.csv \\
@@ -9,9 +9,18 @@ A checkpoint that continues the bundled one (``--init src/scxtrimo/models/checkp
 can keep the bundled card's training curve and add only its own segments: ``--continue-card
 --histories runs/NEW/history.csv``.
 
+A checkpoint of another architecture replaces the default under its own name (the bundle holds
+one default: the package stays under 20 MB). A 10m trained on a lent GPU, for example:
+
+    python scripts/publish_default.py runs/xtrimo-10m-gpu2 --name xtrimo-10m --pooling mean \
+        --histories runs/gpu3/history.csv --hardware "one NVIDIA H200, bf16" \
+        --method "xtrimo-10m-gpu2 [mean]" --previous "xtrimo-3m [mean]"
+
 The checkpoint folder is one written by ``scripts/train_device.py merge`` (or ``model.save``).
-Saves it as float16 into ``src/scxtrimo/models/checkpoints/xtrimo-3m/``, writes its sha256 into
-the bundled registry (``models/_io.py``), measures pbmc3k clustering with ``tl.embed``'s defaults
+Saves it as float16 into ``src/scxtrimo/models/checkpoints/NAME/`` (NAME: ``--name``, by default
+the current default's), makes it the default and the only bundled checkpoint in
+``scxtrimo/_bundled.py`` (a previous default of another name is deleted, and the model-card
+page of the documentation points at the new card), measures pbmc3k clustering with ``tl.embed``'s defaults
 next to the PCA baseline and random weights, masked-value recovery on the corpus's held-out test
 cells (paper section 5.3), and writes ``MODEL_CARD.md`` with the training curve and the
 embedding-quality benchmark rows (mean ARI over seeds per data set).
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +45,42 @@ from scxtrimo.models import _io
 from scxtrimo.tl._clustering import pca_baseline
 
 REPO = Path(__file__).resolve().parents[1]
-DEST = REPO / "src" / "scxtrimo" / "models" / "checkpoints" / "xtrimo-3m"
+CHECKPOINTS = REPO / "src" / "scxtrimo" / "models" / "checkpoints"
+BUNDLED_PY = REPO / "src" / "scxtrimo" / "_bundled.py"
+CARDS_PAGE = REPO / "docs" / "model_cards.md"
+
+
+def make_default(text: str, name: str, digest: str) -> str:
+    """``scxtrimo/_bundled.py``'s text with ``name`` (weights' sha256 ``digest``) as the default and
+    the only bundled checkpoint."""
+    text, n_default = re.subn(r'^DEFAULT_CHECKPOINT = "[^"\n]*"$', f'DEFAULT_CHECKPOINT = "{name}"', text,
+                              flags=re.MULTILINE)
+    text, n_bundled = re.subn(r'^BUNDLED = \{\n(?:    .*\n)*\}$', f'BUNDLED = {{\n    "{name}": "{digest}",\n}}',
+                              text, flags=re.MULTILINE)
+    if (n_default, n_bundled) != (1, 1):
+        raise ValueError("scxtrimo/_bundled.py does not hold one DEFAULT_CHECKPOINT and one BUNDLED assignment; "
+                         "edit it by hand.")
+    return text
+
+
+def architecture_words(cfg) -> str:
+    """The architecture line of the model card: the preset's name and every size that defines it."""
+    preset = cfg.name.split("+")[0]
+    label = (f"xTrimoGene-{preset.removeprefix('xtrimo-').upper()} (appendix Table 2)"
+             if preset in scxtrimo.models.CONFIGS else cfg.name)
+    return (f"{label}: encoder {cfg.enc_depth} layers / {cfg.enc_heads} heads / {cfg.enc_dim} wide (full attention over "
+            f"expressed genes), Performer decoder {cfg.dec_depth} / {cfg.dec_heads} / {cfg.dec_dim} over all genes; "
+            f"feed-forward {cfg.enc_ff_mult}x width in the encoder, {cfg.dec_ff_mult}x in the decoder")
+
+
+def hardware_words(runs: list[dict], given: str | None) -> str:
+    """Where the segments ran: ``given`` (``--hardware``) or, for segments that all ran on the CPU,
+    this machine's description. A GPU run must be named by ``--hardware``."""
+    if given:
+        return given
+    if any(r.get("device", "cpu") != "cpu" for r in runs):
+        raise SystemExit("a training segment ran on a GPU: name it with --hardware (e.g. 'one NVIDIA H200, bf16').")
+    return f"CPU only: 2 cores of an AMD EPYC (AVX2), fp32, torch {torch.__version__}"
 
 
 def curve(paths: list[str], *, first_segment: int = 1, cells: int = 0, minutes: float = 0.0) -> pd.DataFrame:
@@ -128,6 +173,10 @@ def extra_terms(args: dict, runs: list[dict] = ()) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
+    ap.add_argument("--name", default=scxtrimo.models.DEFAULT_CHECKPOINT,
+                    help="the bundled name (default: the current default's); another name replaces the default")
+    ap.add_argument("--hardware", default=None,
+                    help="where it was trained, for the card (required when a segment ran on a GPU)")
     ap.add_argument("--histories", nargs="*", default=[], help="history.csv of each training segment, in order")
     ap.add_argument("--continue-card", action="store_true",
                     help="keep the bundled model card's training-curve rows and add --histories after them (the new "
@@ -143,21 +192,26 @@ def main() -> None:
 
     model = scxtrimo.models.load(args.checkpoint)
     meta = dict(model.metadata)
+    runs = meta.get("history_before", []) + ([meta["this_run"]] if "this_run" in meta else [])
+    hardware = hardware_words(runs, args.hardware)
+    previous = scxtrimo.models.DEFAULT_CHECKPOINT
     earlier, offset = [], {}
     if args.continue_card:
-        earlier = card_curve(DEST / "MODEL_CARD.md")
+        earlier = card_curve(CHECKPOINTS / previous / "MODEL_CARD.md")
         last = [c.strip() for c in earlier[-1].strip("|").split("|")]
         offset = {"first_segment": int(last[0]) + 1, "cells": int(last[2].replace(",", "")),
-                  "minutes": float(scxtrimo.models.load("xtrimo-3m").metadata.get("minutes", last[3]))}
+                  "minutes": float(scxtrimo.models.load(previous).metadata.get("minutes", last[3]))}
     if args.pooling is not None:
         meta["pooling"] = args.pooling
-    folder = model.save(DEST, dtype=torch.float16, metadata=meta)
+    folder = model.save(CHECKPOINTS / args.name, dtype=torch.float16, metadata=meta)
     digest = _io.sha256_file(folder / "model.safetensors")
-    src = (REPO / "src/scxtrimo/models/_io.py").read_text()
-    src = re.sub(r'"xtrimo-3m": (None|"[0-9a-f]{64}"),.*', f'"xtrimo-3m": "{digest}",', src)
-    (REPO / "src/scxtrimo/models/_io.py").write_text(src)
-    _io.BUNDLED["xtrimo-3m"] = digest
-    bundled = scxtrimo.models.load("xtrimo-3m")
+    BUNDLED_PY.write_text(make_default(BUNDLED_PY.read_text(), args.name, digest))
+    if previous != args.name:
+        shutil.rmtree(CHECKPOINTS / previous)
+        CARDS_PAGE.write_text(CARDS_PAGE.read_text().replace(f"checkpoints/{previous}/", f"checkpoints/{args.name}/"))
+        _io.BUNDLED.pop(previous)
+    _io.BUNDLED[args.name] = digest
+    bundled = scxtrimo.models.load(args.name)
     cfg = bundled.config
 
     adata = scxtrimo.datasets.pbmc3k()
@@ -179,24 +233,23 @@ def main() -> None:
     hist = curve(args.histories, **offset) if args.histories else None
     rows = "\n".join(
         f"| {name} | {s['ari']:.3f} | {s['nmi']:.3f} | {s['homogeneity']:.3f} | {s['completeness']:.3f} | {s['silhouette']:.3f} |"
-        for name, s in (("xtrimo-3m (this checkpoint)", xt), ("same architecture, random weights", rnd),
+        for name, s in ((f"{args.name} (this checkpoint)", xt), ("same architecture, random weights", rnd),
                         ("PCA of 2,000 HVGs (scanpy)", pc)))
     table = "\n".join(earlier + [
         f"| {int(r.segment)} | {int(r.step)} | {int(r.cells_seen):,} | {r.minutes:.0f} | {r.train_mse:.4f} | {r.val_mse:.4f} | "
         f"{r.val_pearson:.3f} | {r.val_thinned_mse:.4f} | {r.val_thinned_pearson:.3f} |" for r in (hist.itertuples() if hist is not None else ())]) \
         or "| - | 0 | 0 | 0 | - | - | - | - | - |"
     bench = benchmark_rows(args.benchmark, {
-        args.method: "xtrimo-3m (this checkpoint, `tl.embed` defaults)", args.previous: "previous default",
+        args.method: f"{args.name} (this checkpoint, `tl.embed` defaults)", args.previous: "previous default",
         "co-expression init, untrained [mean]": "its starting point: co-expression gene embedding, no pretraining",
         "co-expression init: gene-table factor scores (linear, no encoder)":
             "the gene table's factor scores (linear read-out, no encoder; the factor-score term's teacher)",
         "PCA (2,000 HVGs, 50 PCs)": "PCA (scanpy, 2,000 HVGs, 50 PCs)", "scVI (defaults)": "scVI (scvi-tools defaults)",
         "random weights [max/T=4]": "random weights (depth tokens)", "random weights [max]": "random weights"})
     n_train = int((corpus.split == 0).sum())
-    runs = meta.get("history_before", []) + ([meta["this_run"]] if "this_run" in meta else [])
     args_last = runs[-1]["args"] if runs else {}
     gene_init = ("**co-expression**: the rows of the genes expressed in at least 10 training cells start at their "
-                 "coordinates in the top 128 components (truncated SVD) of the training cells' standardized log1p CP10k "
+                 f"coordinates in the top {cfg.enc_dim} components (truncated SVD) of the training cells' standardized log1p CP10k "
                  "values (`scxtrimo.models.init_gene_embedding`, sd 0.5); the other rows and all other weights random "
                  "(our choice; the paper initialises every weight randomly)" if meta.get("gene_init") == "coexpression"
                  else "random (normal, sd 0.02), as in the paper")
@@ -205,23 +258,23 @@ def main() -> None:
     zero_mass = (f"decoder zero mass {cfg.decoder_zero_mass:,}: a cell's unexpressed, unmasked genes together count as "
                  f"{cfg.decoder_zero_mass:,} keys in the decoder's attention, as the sampled training context held "
                  "(`XTrimoGeneConfig.decoder_zero_mass`; not in the paper); " if cfg.decoder_zero_mass else "")
-    card = f"""# Model card: xtrimo-3m (bundled default)
+    card = f"""# Model card: {args.name} (bundled default)
 
 The default checkpoint of scxtrimo, shipped inside the package (no download).
 
 | | |
 |---|---|
-| architecture | xTrimoGene-3M (appendix Table 2): encoder 4 layers / 2 heads / 128 wide (full attention over expressed genes), Performer decoder 2 / 2 / 128 over all genes; feed-forward 2x width; {cfg.nb_features} random features (`feature_redraw_interval={cfg.feature_redraw_interval}`); {zero_mass}100 auto-discretization bins; {depth_design} |
+| architecture | {architecture_words(cfg)}; {cfg.nb_features} random features (`feature_redraw_interval={cfg.feature_redraw_interval}`); {zero_mass}100 auto-discretization bins; {depth_design} |
 | gene embedding initialisation | {gene_init} |
 | pooling (`tl.embed` default) | {bundled.default_pooling} over each cell's expressed genes |
-| parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x 128 included) |
+| parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x {cfg.enc_dim} included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
 | objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){thinning_words(runs, cfg.depth_tokens)}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last, runs)} |
-| training | `scripts/train_device.py` in {len(runs)} segment(s) on the CPU: batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
+| training | `scripts/train_device.py` in {len(runs)} segment(s): batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |
-| hardware | CPU only: 2 cores of an AMD EPYC (AVX2), fp32, torch {torch.__version__} |
+| hardware | {hardware} |
 | held-out test cells ({len(test)} cells, full-length decoder{f', zero mass {cfg.decoder_zero_mass:,}' if cfg.decoder_zero_mass else ''}) | masked-value MSE {plain['mse']:.4f}, Pearson r **{plain['pearson']:.3f}** ({plain['n_targets']:,} masked positions); on the same cells thinned: MSE {thinned['mse']:.4f}, r {thinned['pearson']:.3f} |
 
 ## Embedding quality (`benchmarks/embedding_quality.py`)
@@ -254,7 +307,7 @@ Embedding speed of this checkpoint on the same CPU: {rate:.0f} pbmc3k cells/s (`
 
 ## Intended use and limits
 
-A small model trained for {meta.get('minutes', 0):.0f} minutes on a 2-core CPU, for trying scxtrimo offline and
+A small model trained for {meta.get('minutes', 0):.0f} minutes ({hardware}), for trying scxtrimo offline and
 for tests. It has seen {meta.get('cells_seen', 0):,} cells (blood, lung cancer cell lines, colorectal, breast and
 brain tumours, MALT lymphoma, iPSC-derived cardiac cells); the paper's models saw 5 million.
 """

@@ -17,6 +17,8 @@ import typing
 from functools import partial
 from pathlib import Path
 
+from ._bundled import DEFAULT_CHECKPOINT
+
 
 def _read_h5ad(path):
     """``anndata.read_h5ad``, with an error that names the file when it is not an .h5ad file."""
@@ -159,7 +161,7 @@ def read_run_config(path: str | Path) -> dict:
     if not (isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)):
         raise ValueError(f"{path}: `data` must be an .h5ad path or a list of them, got {data!r}.")
     if "model" in kw and not (kw["model"] is None or isinstance(kw["model"], str)):
-        raise ValueError(f"{path}: `model` must be a checkpoint name or folder to continue (e.g. xtrimo-3m), "
+        raise ValueError(f"{path}: `model` must be a checkpoint name or folder to continue (e.g. {DEFAULT_CHECKPOINT}), "
                          f"got {kw['model']!r}.")
     if "config" in kw and not isinstance(kw["config"], str):
         kw["config"] = _run_model_config(path, kw["config"])
@@ -318,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun --nproc_per_node=N -m scxtrimo.cli embed IN OUT (rank 0 writes OUT).")
     e.add_argument("input", help="input .h5ad: raw counts (or normalized) with gene symbols")
     e.add_argument("output", help="output .h5ad (the input plus the embedding)")
-    e.add_argument("--model", default="xtrimo-3m", help="checkpoint name or folder (default: xtrimo-3m, bundled)")
+    e.add_argument("--model", default=DEFAULT_CHECKPOINT,
+                   help=f"checkpoint name or folder (default: {DEFAULT_CHECKPOINT}, bundled)")
     e.add_argument("--batch-size", type=int, default=None, help="most cells per batch (default: 1 on CPU, 256 on CUDA)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--pooling", default=None, choices=["max", "mean", "all"],
-                   help="default: the checkpoint's own choice (the bundled xtrimo-3m: mean), else max")
+                   help="default: the checkpoint's own choice (the model card says which), else max")
     e.add_argument("--target-depth", type=float, default=4.0, help="depth-token models: the target depth T (default 4)")
     e.add_argument("--target-depth-mode", default="fixed", choices=["fixed", "scale", "offset"])
     e.add_argument("--bulk", default=None, choices=["counts", "normalized"],
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="embed the bundled PBMC 3k, cluster, compare with PCA, save a UMAP")
     d.add_argument("--out-dir", default="scxtrimo_demo")
-    d.add_argument("--model", default="xtrimo-3m")
+    d.add_argument("--model", default=DEFAULT_CHECKPOINT)
     d.add_argument("--device", default="auto")
     d.add_argument("--save-h5ad", action="store_true", help="also write the embedded AnnData")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", nargs="+", default=None, help=".h5ad files (streamed in blocks)")
     t.add_argument("--config", default=None, help="architecture: xtrimo-3m, xtrimo-10m or xtrimo-100m")
     t.add_argument("--model", default=None,
-                   help="continue this checkpoint (a name such as xtrimo-3m, or a folder) instead of a new model")
+                   help=f"continue this checkpoint (a name such as {DEFAULT_CHECKPOINT}, or a folder) instead of a new model")
     t.add_argument("--out", "--save-dir", dest="out", default=None,
                    help="save_dir: model files, history.csv and train_state.pt")
     t.add_argument("--max-steps", type=int, default=None)

@@ -5,6 +5,7 @@ from ._factor_head import FactorScoreHead, factor_projection
 from ._config import CONFIGS as _CONFIGS
 from ._config import XTrimoGeneConfig, get_config
 from ._gene_init import init_gene_embedding
+from .._bundled import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from ._io import load
 from ._registry import cache_dir, register
 from ._xtrimogene import XTrimoGene
@@ -13,6 +14,10 @@ from ._xtrimogene import XTrimoGene
 #: ``"xtrimo-100m"`` (appendix Table 2) and of the CPU-sized ``"xtrimo-3m"`` of the bundled checkpoint.
 CONFIGS = _CONFIGS
 
-__all__ = ["XTrimoGene", "XTrimoGeneConfig", "CONFIGS", "get_config", "load", "register", "cache_dir", "init_gene_embedding",
-           "CellExpressionHead",
-           "FactorScoreHead", "factor_projection"]
+#: The name of the default checkpoint, bundled with the package: what :func:`load`,
+#: :func:`scxtrimo.tl.embed`, :func:`scxtrimo.tl.annotate`, :func:`scxtrimo.tl.gene_embed`, the
+#: model plots of :mod:`scxtrimo.pl` and the command line use when no model is given.
+DEFAULT_CHECKPOINT = _DEFAULT_CHECKPOINT
+
+__all__ = ["XTrimoGene", "XTrimoGeneConfig", "CONFIGS", "DEFAULT_CHECKPOINT", "get_config", "load", "register",
+           "cache_dir", "init_gene_embedding", "CellExpressionHead", "FactorScoreHead", "factor_projection"]

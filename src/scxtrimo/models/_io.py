@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._bundled import BUNDLED, DEFAULT_CHECKPOINT
 from .._reference import reference_genes
 from . import _registry
 from ._config import XTrimoGeneConfig
@@ -40,10 +41,6 @@ ADDED_FIELDS = {
     "depth_tokens": False, "key_max": "head", "feature_redraw_interval": None, "decoder_zero_mass": None,
 }
 
-#: Pretrained checkpoints shipped inside the package: name -> sha256 of model.safetensors.
-BUNDLED = {
-    "xtrimo-3m": "cb5e12207996576d61ea9a7f721036546a45a3845bc8940fea2dd6defd437fd1",
-}
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -208,7 +205,7 @@ def load_state_strict(model: XTrimoGene, state: dict, *, name: str) -> None:
         raise ValueError(f"Checkpoint {name!r} does not fit its configuration: {result}.")
 
 
-def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = None,
+def load(name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT, *, part: str | None = None,
          device: str | torch.device = "cpu") -> XTrimoGene:
     """Load a pretrained xTrimoGene model by name, from a checkpoint folder or from the authors' file.
 
@@ -220,7 +217,8 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = No
     Parameters
     ----------
     name_or_path
-        ``"xtrimo-3m"`` (bundled with the package, no download), the name of a registered
+        The name of a checkpoint bundled with the package (no download; the default is
+        :data:`scxtrimo.models.DEFAULT_CHECKPOINT`), the name of a registered
         downloadable checkpoint (fetched once with pooch into ``$SCXTRIMO_CACHE`` or the user
         cache, every file checked against its sha256, then reused offline), a folder
         written by :meth:`XTrimoGene.save` (or by ``scxtrimo convert``), or the file
@@ -262,7 +260,7 @@ def load(name_or_path: str | os.PathLike = "xtrimo-3m", *, part: str | None = No
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a checkpoint name or a folder path, not {name_or_path!r}.")
     if isinstance(name_or_path, str) and not name_or_path:
-        raise ValueError("name_or_path is empty; give a checkpoint name (e.g. 'xtrimo-3m') or a folder path.")
+        raise ValueError(f"name_or_path is empty; give a checkpoint name (e.g. {DEFAULT_CHECKPOINT!r}) or a folder path.")
     if not _is_name(name_or_path) and Path(name_or_path).is_file():
         file = Path(name_or_path)
         if file.name in _registry.FILES:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+from .._bundled import DEFAULT_CHECKPOINT
 from ..models._io import load
 from ..models._xtrimogene import XTrimoGene
 
@@ -13,5 +14,5 @@ def plotted_model(model) -> XTrimoGene:
         return model
     if isinstance(model, (str, os.PathLike)):
         return load(model)
-    raise TypeError(f"model must be an XTrimoGene or a checkpoint name or folder (e.g. 'xtrimo-3m'), got "
+    raise TypeError(f"model must be an XTrimoGene or a checkpoint name or folder (e.g. {DEFAULT_CHECKPOINT!r}), got "
                     f"{type(model).__name__}.")

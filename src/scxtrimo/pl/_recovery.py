@@ -13,12 +13,13 @@ from ..data._objective import counts_to_device, training_batch
 from ..data._prepare import check_no_empty_cells, counts_rows, prepare_input
 from ..models._xtrimogene import XTrimoGene
 from .._anndata import rna_modality
+from .._bundled import DEFAULT_CHECKPOINT
 from .._validation import check_positive
 from ._finish import finish
 from ._model import plotted_model
 
 
-def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
+def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = DEFAULT_CHECKPOINT, n_cells: int = 256,
                     batch_size: int = 8, random_state: int = 0, device: str = "auto", sparsity_bins: int = 4,
                     layer: str | None = None, use_raw: bool = False) -> dict:
     """Predict masked values of real cells; Pearson r overall and by cell sparsity (section 5.3).
@@ -36,7 +37,7 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
     check_positive("sparsity_bins", sparsity_bins, integer=True)
     if not hasattr(adata, "obs"):
         raise TypeError(f"adata must be an AnnData or MuData, not {type(adata).__name__}; the data come first, "
-                        "e.g. scxtrimo.pl.recovery(adata, model='xtrimo-3m').")
+                        f"e.g. scxtrimo.pl.recovery(adata, model={DEFAULT_CHECKPOINT!r}).")
     model = plotted_model(model)
     dev = resolve_device(device)
     data = rna_modality(adata)
@@ -76,7 +77,7 @@ def masked_recovery(adata, *, model: str | os.PathLike | XTrimoGene = "xtrimo-3m
             "pearson": float(np.corrcoef(true, pred)[0, 1]), "by_sparsity": by}
 
 
-def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m", n_cells: int = 256,
+def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = DEFAULT_CHECKPOINT, n_cells: int = 256,
              random_state: int = 0, device: str = "auto", layer: str | None = None, use_raw: bool = False,
              show: bool | None = None,
              save: str | None = None):
@@ -94,7 +95,7 @@ def recovery(adata, *legacy, model: str | os.PathLike | XTrimoGene = "xtrimo-3m"
         :func:`scxtrimo.pp.normalize`); the first ``n_cells`` cells are used.
     model
         An :class:`~scxtrimo.models.XTrimoGene` (decoder included), or a checkpoint name or folder
-        (default: the bundled ``"xtrimo-3m"``). The order of scxtrimo 0.1.0,
+        (default: the bundled :data:`scxtrimo.models.DEFAULT_CHECKPOINT`). The order of scxtrimo 0.1.0,
         ``recovery(model, adata)``, still works, with a ``FutureWarning``.
     n_cells
         How many cells to mask (at least 1).
@@ -152,9 +153,9 @@ def legacy_model_first(adata, legacy: tuple, model):
     """
     if not legacy:
         return adata, model
-    if len(legacy) > 1 or model != "xtrimo-3m" or not hasattr(legacy[0], "obs") or hasattr(adata, "obs"):
+    if len(legacy) > 1 or model != DEFAULT_CHECKPOINT or not hasattr(legacy[0], "obs") or hasattr(adata, "obs"):
         raise TypeError("recovery takes the data first and the model by keyword: "
-                        "scxtrimo.pl.recovery(adata, model='xtrimo-3m').")
+                        f"scxtrimo.pl.recovery(adata, model={DEFAULT_CHECKPOINT!r}).")
     warnings.warn("scxtrimo.pl.recovery(model, adata) is the order of scxtrimo 0.1.0 and will stop working; "
                   "write scxtrimo.pl.recovery(adata, model=model).", FutureWarning, stacklevel=3)
     return legacy[0], adata

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
+from .._bundled import DEFAULT_CHECKPOINT
 from .._device import autocast, resolve_device
 from .._oom import retry_on_oom
 from .._validation import check_embedding, check_positive
@@ -407,7 +408,7 @@ def annotate(
     *,
     labels_key: str | None = None,
     batch_key: str | None = None,
-    model: str | os.PathLike | XTrimoGene | CellTypeClassifier = "xtrimo-3m",
+    model: str | os.PathLike | XTrimoGene | CellTypeClassifier = DEFAULT_CHECKPOINT,
     freeze: str | int = "auto",
     epochs: int = 10,
     batch_size: int = 32,
@@ -464,7 +465,8 @@ def annotate(
     model
         A checkpoint name/folder or :class:`~scxtrimo.models.XTrimoGene` to fine-tune, or a
         trained :class:`CellTypeClassifier` to apply (then ``labels_key`` is optional: if given,
-        the predictions are scored against it).
+        the predictions are scored against it). Default: the bundled checkpoint,
+        :data:`scxtrimo.models.DEFAULT_CHECKPOINT`.
     freeze
         ``"none"``: fine-tune the whole encoder; ``"all"``: linear probe on frozen embeddings;
         an integer ``k`` (Python or NumPy): train only the last ``k`` encoder layers (and the head). ``"auto"``

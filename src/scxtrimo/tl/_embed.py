@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import package_version, rna_modality, xtrimo_uns
+from .._bundled import DEFAULT_CHECKPOINT
 from .._validation import check_positive
 from .._inference import (  # noqa: F401  (re-exported: the inference loop lived here)
     BATCH_CELLS, MAX_TOKENS, RowSink, apply_rows, batch_cells, device_batches, embed_matrix, map_cells, resolve_model,
@@ -105,7 +106,7 @@ def _gather_rows(out: np.ndarray, start: int, shards: list[np.ndarray], ctx: Dis
 def embed(
     adata,
     *,
-    model: str | os.PathLike | XTrimoGene = "xtrimo-3m",
+    model: str | os.PathLike | XTrimoGene = DEFAULT_CHECKPOINT,
     batch_size: int | None = None,
     max_tokens: int | None = None,
     device: str = "auto",
@@ -147,8 +148,8 @@ def embed(
         if present, or ``layers[layer]``, or ``raw.X`` with ``use_raw``) holds raw counts, or
         normalized / log1p values that are turned back into counts (see :func:`scxtrimo.pp.normalize`).
     model
-        Checkpoint name (``"xtrimo-3m"``, bundled), checkpoint folder, or an
-        :class:`~scxtrimo.models.XTrimoGene`.
+        Checkpoint name, checkpoint folder, or an :class:`~scxtrimo.models.XTrimoGene`. Default:
+        the bundled checkpoint, :data:`scxtrimo.models.DEFAULT_CHECKPOINT` (no download).
     batch_size
         Most cells per encoder batch; defaults to 1 on CPU (fastest there, by measurement) and
         256 on CUDA.

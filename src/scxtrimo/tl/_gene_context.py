@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._anndata import UNS_KEY, rna_modality, xtrimo_uns
+from .._bundled import DEFAULT_CHECKPOINT
 from .._device import resolve_device
 from .._inference import resolve_model
 from .._oom import halve_rows_on_oom
@@ -80,7 +81,7 @@ def _float32_matmul():
 def gene_embed(
     adata,
     *,
-    model: str | os.PathLike | XTrimoGene = "xtrimo-3m",
+    model: str | os.PathLike | XTrimoGene = DEFAULT_CHECKPOINT,
     genes: str | Sequence[str] | None = None,
     groupby: str | None = None,
     key_added: str = "X_xtrimo_gene",
@@ -122,6 +123,7 @@ def gene_embed(
     model
         Checkpoint name, checkpoint folder, an :class:`~scxtrimo.models.XTrimoGene`, or the
         path of the authors' ``models.ckpt``, of which the ``gene`` sub-model is then loaded.
+        Default: the bundled checkpoint, :data:`scxtrimo.models.DEFAULT_CHECKPOINT`.
     genes
         Gene symbols of the reference list (:func:`scxtrimo.reference_genes`), or one symbol;
         results are kept for these, in this order. ``None``: all 19,264 (needs ``groupby``).
