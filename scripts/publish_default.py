@@ -253,6 +253,10 @@ def main() -> None:
                  "values (`scxtrimo.models.init_gene_embedding`, sd 0.5); the other rows and all other weights random "
                  "(our choice; the paper initialises every weight randomly)" if meta.get("gene_init") == "coexpression"
                  else "random (normal, sd 0.02), as in the paper")
+    n_features = next(m.nb_features for m in bundled.modules() if isinstance(getattr(m, "nb_features", None), int))
+    zeros = args_last.get("decoder_zeros")
+    context = ("all genes (the full-length decoder, as in the paper)" if zeros is None else
+               f"each cell's expressed, masked and target genes plus {zeros} random unexpressed genes")
     depth_design = ("**depth tokens** T and S (the authors' released design)" if cfg.depth_tokens
                     else "no depth tokens")
     zero_mass = (f"decoder zero mass {cfg.decoder_zero_mass:,}: a cell's unexpressed, unmasked genes together count as "
@@ -264,13 +268,13 @@ The default checkpoint of scxtrimo, shipped inside the package (no download).
 
 | | |
 |---|---|
-| architecture | {architecture_words(cfg)}; {cfg.nb_features} random features (`feature_redraw_interval={cfg.feature_redraw_interval}`); {zero_mass}100 auto-discretization bins; {depth_design} |
+| architecture | {architecture_words(cfg)}; {n_features} random features (`feature_redraw_interval={cfg.feature_redraw_interval}`); {zero_mass}100 auto-discretization bins; {depth_design} |
 | gene embedding initialisation | {gene_init} |
 | pooling (`tl.embed` default) | {bundled.default_pooling} over each cell's expressed genes |
 | parameters | {bundled.n_parameters():,} (gene embedding {cfg.n_embeddings:,} x {cfg.enc_dim} included) |
 | file | `model.safetensors`, float16, {(folder / 'model.safetensors').stat().st_size / 2**20:.1f} MiB, sha256 `{digest}` |
 | data | the packed corpus of every broad-coverage shared data set (`scxtrimo corpus`, the two CRISPR panels excluded): {len(corpus):,} cells with more than 200 expressed reference genes from {len(corpus.sources)} sets ({', '.join(corpus.sources)}); split 96:2:2 by a hash of (set, cell name): {n_train:,} training cells |
-| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){thinning_words(runs, cfg.depth_tokens)}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: each cell's expressed, masked and target genes plus {args_last.get('decoder_zeros')} random unexpressed genes{extra_terms(args_last, runs)} |
+| objective | masked-value regression (30% of expressed genes + 0.9x as many zeros, 80/10/10){thinning_words(runs, cfg.depth_tokens)}; {f"at most {args_last['max_visible']} visible genes per cell" if args_last.get('max_visible') else 'every unmasked expressed gene visible to the encoder'}; decoder context during training: {context}{extra_terms(args_last, runs)} |
 | training | `scripts/train_device.py` in {len(runs)} segment(s): batch {args_last.get('batch_size')}, AdamW (lr {', '.join(str(r['args']['lr']) for r in runs)}; warm-up, cosine to 10% over each segment's time budget), no weight decay, clipping 1.0 |
 | cells seen | {meta.get('cells_seen', 0):,} ({meta.get('cells_seen', 0) / n_train:.2f} epochs) |
 | wall time | {meta.get('minutes', 0):.0f} min |

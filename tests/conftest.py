@@ -16,8 +16,15 @@ import pytest
 import torch
 
 import scxtrimo
+from scxtrimo.models import _io
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: The bundled default checkpoint's name and configuration (read from its ``config.json``, no
+#: weights loaded), for tests that hold for whichever checkpoint is the default: its embedding
+#: is ``DEFAULT_CONFIG.enc_dim`` wide, and it has depth tokens if ``DEFAULT_CONFIG.depth_tokens``.
+DEFAULT = scxtrimo.models.DEFAULT_CHECKPOINT
+DEFAULT_CONFIG = _io.read_config(_io._bundled_dir(DEFAULT) / _io.CONFIG_FILE)[0]
 
 
 def shared_data_dir() -> Path:
@@ -64,7 +71,7 @@ def pbmc3k_sixth(pbmc3k_embedded) -> ad.AnnData:
 
     adata = pbmc3k_embedded[::6].copy()
     torch.manual_seed(0)
-    random = XTrimoGene(scxtrimo.models.load("xtrimo-3m").config)
+    random = XTrimoGene(DEFAULT_CONFIG)
     scxtrimo.tl.embed(adata, model=random, key_added="X_random", pooling="mean", progress=False)
     return adata
 

@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from conftest import DEFAULT
 from scxtrimo.data import csr_row_batch, length_batches, padding_fraction, select_tokens
 
 
@@ -135,7 +136,7 @@ def test_grid_padding_leaves_embeddings_unchanged(pbmc3k_prepared):
     the tightly padded batch, here on the CPU's masked kernel."""
     from scxtrimo.models import load
 
-    model = load("xtrimo-3m")
+    model = load(DEFAULT)
     rows = np.array([5, 17, 40, 41])
     with torch.inference_mode():
         for pooling in ("max", "mean"):
@@ -156,14 +157,17 @@ def test_only_cuda_pads_to_the_grid():
 
 def test_training_batches_follow_the_grid_setting(pbmc3k_prepared, monkeypatch):
     """The training forward's encoder batch (``select_tokens``) is padded to the grid where the
-    device pads to it (CUDA by default; here the CPU switched on), with the same predictions."""
+    device pads to it (CUDA by default; here the CPU switched on), with the same predictions
+    (the bundled model's training inputs, depth tokens included where it has them)."""
     import scxtrimo.data._batching as batching
-    from scxtrimo.data import mask_values
+    from scxtrimo.data import cell_keys
     from scxtrimo.data._batching import grid_width
+    from scxtrimo.data._objective import training_batch
     from scxtrimo.models import load
 
-    model = load("xtrimo-3m").eval()
-    batch = mask_values(torch.from_numpy(pbmc3k_prepared.X[:3].toarray()), generator=torch.Generator().manual_seed(0))
+    model = load(DEFAULT).eval()
+    counts = torch.from_numpy(pbmc3k_prepared.layers["counts"][:3].toarray())
+    batch = training_batch(counts, cell_keys(0, 0, torch.arange(3)), depth_tokens=model.config.depth_tokens)
     with torch.no_grad():
         _, tight, _, visible = model._encode_visible(batch.inputs, batch.is_mask)
         ref = model(batch.inputs, batch.is_mask)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import scxtrimo
+from conftest import DEFAULT, DEFAULT_CONFIG
 from scxtrimo.cli import main
 
 
@@ -11,8 +12,8 @@ def test_cli_embed_round_trip(pbmc3k, tmp_path, capsys):
     pbmc3k[:100].copy().write_h5ad(src)
     assert main(["embed", str(src), str(dst)]) == 0
     out = ad.read_h5ad(dst)
-    assert out.obsm["X_xtrimo"].shape == (100, 128)
-    assert out.uns["xtrimo"]["params"]["model"] == "xtrimo-3m"
+    assert out.obsm["X_xtrimo"].shape == (100, DEFAULT_CONFIG.enc_dim)
+    assert out.uns["xtrimo"]["params"]["model"] == DEFAULT
     direct = pbmc3k[:100].copy()
     scxtrimo.tl.embed(direct, progress=False)
     np.testing.assert_array_equal(out.obsm["X_xtrimo"], direct.obsm["X_xtrimo"])
@@ -193,7 +194,7 @@ def test_cli_embed_writes_atomically_so_a_failed_write_keeps_the_input(pbmc3k, t
     assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
     monkeypatch.undo()
     assert main(["embed", str(src), str(src)]) == 0
-    assert ad.read_h5ad(src).obsm["X_xtrimo"].shape == (30, 128)
+    assert ad.read_h5ad(src).obsm["X_xtrimo"].shape == (30, DEFAULT_CONFIG.enc_dim)
 
 
 def test_run_file_and_flag_continue_a_named_checkpoint(pretrain_files, tmp_path, capsys):
@@ -204,19 +205,20 @@ def test_run_file_and_flag_continue_a_named_checkpoint(pretrain_files, tmp_path,
     from scxtrimo.models import load
 
     run = tmp_path / "run.yaml"
-    run.write_text("data: a.h5ad\nmodel: xtrimo-3m\n")
-    assert read_run_config(run)["model"] == "xtrimo-3m"
+    run.write_text(f"data: a.h5ad\nmodel: {DEFAULT}\n")
+    assert read_run_config(run)["model"] == DEFAULT
     run.write_text(f"data: {tmp_path / 'missing.h5ad'}\nmodel: 5\n")
     assert main(["pretrain", str(run), "--quiet"]) == 2
     _one_line_error(capsys, "`model` must be a checkpoint name or folder", "5")
 
     out = tmp_path / "continued"
-    assert main(["pretrain", "--data", *map(str, pretrain_files), "--model", "xtrimo-3m", "--max-steps", "1",
+    run.write_text("decoder_zeros: 32\n")  # a run file's settings with the flags' (the decoder's context sampled)
+    assert main(["pretrain", str(run), "--data", *map(str, pretrain_files), "--model", DEFAULT, "--max-steps", "1",
                  "--batch-size", "4", "--lr", "1e-5", "--eval-cells", "4", "--random-state", "3",
                  "--save-dir", str(out), "--quiet"]) == 0
-    assert "pretrained xtrimo-3m for 1 steps" in capsys.readouterr().out
-    continued, bundled = load(out), load("xtrimo-3m")
-    assert continued.default_pooling == bundled.default_pooling == "mean"
+    assert f"pretrained {DEFAULT_CONFIG.name} for 1 steps" in capsys.readouterr().out
+    continued, bundled = load(out), load(DEFAULT)
+    assert continued.metadata["pooling"] == bundled.metadata["pooling"]  # the recorded choice, not max by default
     for (name, a), b in zip(continued.state_dict().items(), bundled.state_dict().values()):
         if a.is_floating_point():  # one small step from the bundled weights, not a new model
             assert torch.allclose(a, b, atol=1e-3), name

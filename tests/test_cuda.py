@@ -105,7 +105,7 @@ def test_embedding_bf16_on_gpu_matches_cpu_fp32(dev):
     X = log1p_rows(40, lo=100, hi=2500) if dev.type == "cuda" else log1p_rows(10, lo=100, hi=800)
     rows = np.arange(X.shape[0])
     cpu = torch.device("cpu")
-    model = load("xtrimo-3m")
+    model = load()  # the bundled default
     ref = embed_matrix(model, X, rows, "max", cpu, max_cells=batch_cells(cpu), max_tokens=token_budget(cpu))
     model = model.to(dev)
     got = embed_matrix(model, X, rows, "max", dev, max_cells=batch_cells(dev), max_tokens=token_budget(dev))

@@ -6,13 +6,14 @@ import scipy.sparse as sp
 import torch
 
 import scxtrimo
+from conftest import DEFAULT
 from scxtrimo.models import FactorScoreHead, factor_projection
 
 
 @pytest.fixture(scope="module")
 def table_and_values(pbmc3k_session):
     """The bundled model's gene rows and pbmc3k's log1p CP10k values on the reference genes."""
-    model = scxtrimo.models.load("xtrimo-3m")
+    model = scxtrimo.models.load(DEFAULT)
     rows = model.gene_embedding.weight.detach()[: model.config.n_genes]
     a = scxtrimo.pp.align_genes(pbmc3k_session, copy=True)
     scxtrimo.pp.normalize(a)

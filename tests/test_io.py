@@ -11,7 +11,7 @@ import scxtrimo
 from scxtrimo.models import XTrimoGene, load
 from scxtrimo.models import _io
 
-from conftest import REPO
+from conftest import DEFAULT, REPO
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,10 @@ def test_hash_mismatch_and_unknown_name_are_refused(random_3m, tmp_path, monkeyp
 
 
 def test_bundled_checkpoint_loads_and_matches_registry():
-    model = load("xtrimo-3m")
-    assert model.checkpoint_name == "xtrimo-3m"
-    assert model.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
-    assert model.config.name == "xtrimo-3m" and model.n_parameters() > 2.5e6
+    model = load(DEFAULT)
+    assert model.checkpoint_name == DEFAULT
+    assert model.checkpoint_sha256 == _io.BUNDLED[DEFAULT]
+    assert model.config.name == DEFAULT and model.n_parameters() > 2.5e6
     meta = model.metadata
     assert meta["cells_seen"] > 39000 and meta["gene_init"] == "coexpression" and meta["pooling"] == "mean"
     last = meta["this_run"]["args"]  # how it was trained: cell and factor-score terms, the gene embedding frozen
@@ -97,8 +97,8 @@ def test_bundled_model_card_matches_the_checkpoint():
         from publish_default import card_curve
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    meta = load("xtrimo-3m").metadata
-    card = _io._bundled_dir("xtrimo-3m") / "MODEL_CARD.md"
+    meta = load(DEFAULT).metadata
+    card = _io._bundled_dir(DEFAULT) / "MODEL_CARD.md"
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in card_curve(card)]
     segments = [int(r[0]) for r in rows]
     assert segments == sorted(segments) and set(segments) == set(range(1, len(meta["history_before"]) + 2))
@@ -106,7 +106,7 @@ def test_bundled_model_card_matches_the_checkpoint():
     assert cells == sorted(cells) and cells[-1] == meta["cells_seen"]
     assert abs(int(rows[-1][3]) - meta["minutes"]) <= 1
     text = card.read_text()
-    assert f"{meta['cells_seen']:,}" in text and _io.BUNDLED["xtrimo-3m"] in text
+    assert f"{meta['cells_seen']:,}" in text and _io.BUNDLED[DEFAULT] in text
     # the capture augmentation is named in the objective exactly when the last segment used it
     capture = [bool(r.get("args", {}).get("capture_sd")) for r in meta["history_before"] + [meta["this_run"]]]
     assert ("`ThinningConfig.capture_sd`" in text) == capture[-1]
@@ -131,7 +131,7 @@ def test_card_names_the_depth_thinning_per_segment():
 
 
 def test_save_keeps_the_models_metadata(pbmc3k, tmp_path):
-    bundled = load("xtrimo-3m")
+    bundled = load(DEFAULT)
     loaded = load(bundled.save(tmp_path / "ck"))
     assert loaded.metadata == bundled.metadata and loaded.default_pooling == "mean"
     a, b = pbmc3k[:40].copy(), pbmc3k[:40].copy()
@@ -145,15 +145,15 @@ def test_save_keeps_the_models_metadata(pbmc3k, tmp_path):
 
 def test_bare_name_is_the_bundled_checkpoint_not_a_local_folder(random_3m, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    folder = random_3m.save("xtrimo-3m")
+    folder = random_3m.save(DEFAULT)
     own = _io.sha256_file(folder / "model.safetensors")
-    named = load("xtrimo-3m")
-    assert named.checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"] and named.default_pooling == "mean"
-    for as_path in ("./xtrimo-3m", folder, tmp_path / "xtrimo-3m"):
+    named = load(DEFAULT)
+    assert named.checkpoint_sha256 == _io.BUNDLED[DEFAULT] and named.default_pooling == "mean"
+    for as_path in (f"./{DEFAULT}", folder, tmp_path / DEFAULT):
         assert load(as_path).checkpoint_sha256 == own
     shutil.rmtree(folder)
-    (tmp_path / "xtrimo-3m").write_bytes(b"not a checkpoint")  # nor a file of that name
-    assert load("xtrimo-3m").checkpoint_sha256 == _io.BUNDLED["xtrimo-3m"]
+    (tmp_path / DEFAULT).write_bytes(b"not a checkpoint")  # nor a file of that name
+    assert load(DEFAULT).checkpoint_sha256 == _io.BUNDLED[DEFAULT]
 
 
 def _edit_config(folder, edit):

@@ -7,14 +7,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.collections import PolyCollection
 
 import scxtrimo
+from conftest import DEFAULT
 
 
 @pytest.fixture(scope="module")
 def bundled():
-    return scxtrimo.models.load("xtrimo-3m")
+    return scxtrimo.models.load(DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    """Random weights of a small architecture, for what does not depend on the weights (a
+    checkpoint's full-length decoder costs seconds per cell on a CPU)."""
+    torch.manual_seed(0)
+    return scxtrimo.models.XTrimoGene(tiny_config).eval()
 
 
 def _png_ok(path):
@@ -61,17 +71,17 @@ def test_embedding_umap_keeps_pca_results(bundled, pbmc3k, tmp_path):
 
 
 def test_recovery_panels(bundled, pbmc3k, tmp_path):
-    axes = scxtrimo.pl.recovery(pbmc3k[:16].copy(), model=bundled, n_cells=16, show=False, save=tmp_path / "rec.png")
+    axes = scxtrimo.pl.recovery(pbmc3k[:8].copy(), model=bundled, n_cells=8, show=False, save=tmp_path / "rec.png")
     assert len(axes) == 2
     assert axes[0].get_xlabel().startswith("true value") and "r = " in axes[0].get_title()
     assert len(axes[1].get_lines()[0].get_xdata()) == 4
     _png_ok(tmp_path / "rec.png")
     plt.close("all")
-    moved = pbmc3k[:16].copy()
+    moved = pbmc3k[:8].copy()
     moved.layers["raw"], moved.X = moved.X.copy(), moved.X * 0  # the counts in a named layer: the same cells
     with pytest.raises(KeyError, match="layer='counts' is not in adata.layers"):
-        scxtrimo.pl.recovery(moved, model=bundled, n_cells=16, layer="counts", show=False)
-    same = scxtrimo.pl.recovery(moved, model=bundled, n_cells=16, layer="raw", show=False)
+        scxtrimo.pl.recovery(moved, model=bundled, n_cells=8, layer="counts", show=False)
+    same = scxtrimo.pl.recovery(moved, model=bundled, n_cells=8, layer="raw", show=False)
     assert same[0].get_title() == axes[0].get_title()
     plt.close("all")
 
@@ -147,29 +157,29 @@ def test_embedding_refuses_non_finite_values_and_too_few_cells(embedded):
     assert "X_umap_X_xtrimo" not in bad.obsm
 
 
-def test_recovery_counts_each_target_in_one_sparsity_group(bundled, pbmc3k):
+def test_recovery_counts_each_target_in_one_sparsity_group(tiny, pbmc3k):
     from scxtrimo.pl._recovery import masked_recovery
 
     for n in (1, 8):
-        res = masked_recovery(pbmc3k[:8].copy(), model=bundled, n_cells=n, device="cpu")
+        res = masked_recovery(pbmc3k[:8].copy(), model=tiny, n_cells=n, device="cpu")
         assert sum(b[3] for b in res["by_sparsity"]) == len(res["true"])
         lows = [b[0] for b in res["by_sparsity"]]
         assert lows == sorted(set(lows))  # no repeated (empty or duplicate) group
 
 
-def test_recovery_checks_its_input_and_leaves_the_model_as_it_was(bundled, pbmc3k):
-    bundled.train()
+def test_recovery_checks_its_input_and_leaves_the_model_as_it_was(tiny, pbmc3k):
+    tiny.train()
     try:
-        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=bundled, n_cells=4, show=False)
-        assert bundled.training
+        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=tiny, n_cells=4, show=False)
+        assert tiny.training
     finally:
-        bundled.eval()
+        tiny.eval()
     with pytest.raises(ValueError, match="n_cells must be a positive integer"):
-        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=bundled, n_cells=2.5, show=False)
+        scxtrimo.pl.recovery(pbmc3k[:4].copy(), model=tiny, n_cells=2.5, show=False)
     empty = pbmc3k[:4].copy()
     empty.X = empty.X * 0
     with pytest.raises(ValueError, match="express none of the reference genes"):
-        scxtrimo.pl.recovery(empty, model=bundled, n_cells=4, show=False)
+        scxtrimo.pl.recovery(empty, model=tiny, n_cells=4, show=False)
     plt.close("all")
 
 
@@ -181,7 +191,7 @@ def test_recovery_takes_the_data_first_and_the_older_order_with_a_warning(bundle
         old = scxtrimo.pl.recovery(bundled, small, n_cells=6, show=False)
     assert new[0].get_title() == old[0].get_title() and "r = " in new[0].get_title()
     with pytest.warns(FutureWarning):
-        scxtrimo.pl.recovery("xtrimo-3m", small, n_cells=2, show=False)  # a checkpoint name first
+        scxtrimo.pl.recovery(DEFAULT, small, n_cells=2, show=False)  # a checkpoint name first
     with pytest.raises(TypeError, match="data first"):
         scxtrimo.pl.recovery(small, bundled, n_cells=2, show=False)  # the model positional, second
     with pytest.raises(TypeError, match="data first"):
@@ -193,7 +203,7 @@ def test_recovery_takes_the_data_first_and_the_older_order_with_a_warning(bundle
 
 
 def test_autobin_sorts_values_and_takes_a_checkpoint_name(bundled):
-    ax = scxtrimo.pl.autobin("xtrimo-3m", [5.0, 1.0, 3.0, 0.0], show=False)
+    ax = scxtrimo.pl.autobin(DEFAULT, [5.0, 1.0, 3.0, 0.0], show=False)
     band = next(c for c in ax.collections if isinstance(c, PolyCollection))
     xs = band.get_paths()[0].vertices[:, 0]
     assert xs.min() == 0.0 and xs.max() == 5.0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import scxtrimo
+from conftest import DEFAULT
 from scxtrimo.data import MaskingConfig, ThinningConfig, cell_keys, sortish_batches
 from scxtrimo.data._objective import masked_sse, training_batch
 from scxtrimo.models import XTrimoGene
@@ -106,15 +107,15 @@ def test_depth_aware_pretraining_trains_a_depth_token_model(pbmc3k, tiny_config)
 
 
 def test_pretrain_continues_a_named_checkpoint(pbmc3k):
-    """model="xtrimo-3m" loads the bundled weights and continues them (adaptation to a data set);
+    """model=DEFAULT (a name) loads the bundled weights and continues them (adaptation to a data set);
     the bundled checkpoint itself is untouched, and the result keeps its pooling for tl.embed."""
-    bundled = scxtrimo.models.load("xtrimo-3m")
-    model, hist = scxtrimo.tl.pretrain(pbmc3k[:80].copy(), model="xtrimo-3m", max_steps=2, batch_size=8, lr=1e-3,
+    bundled = scxtrimo.models.load(DEFAULT)
+    model, hist = scxtrimo.tl.pretrain(pbmc3k[:80].copy(), model=DEFAULT, max_steps=2, batch_size=8, lr=1e-3,
                                        eval_every=0, eval_cells=8, decoder_zeros=64, progress=False, device="cpu")
     assert model.config == bundled.config
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), bundled.state_dict()[k])]
     assert moved, "training did not change the weights"
-    again = scxtrimo.models.load("xtrimo-3m")
+    again = scxtrimo.models.load(DEFAULT)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in bundled.state_dict().items())
     assert len(hist) >= 1 and np.isfinite(hist["val_mse"]).all()
     assert bundled.default_pooling == "mean" and model.metadata["pooling"] == "mean"

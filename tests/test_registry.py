@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import scxtrimo
+from conftest import DEFAULT
 from scxtrimo.models import _io, _registry
 
 
@@ -102,7 +103,7 @@ def test_register_refuses_bundled_names_bad_names_and_bad_hashes(monkeypatch):
     monkeypatch.setattr(_registry, "REMOTE", {})
     good = {f: "ab" * 32 for f in _registry.FILES}
     with pytest.raises(ValueError, match="bundled"):
-        scxtrimo.models.register("xtrimo-3m", "http://127.0.0.1/", good)
+        scxtrimo.models.register(DEFAULT, "http://127.0.0.1/", good)
     for name in ("../x", "a/b", "a\\b", "..", "", None):
         with pytest.raises(ValueError, match="name"):
             scxtrimo.models.register(name, "http://127.0.0.1/", good)

@@ -14,7 +14,7 @@ import torch
 from conftest import one_thread
 
 import scxtrimo
-from conftest import subprocess_env
+from conftest import DEFAULT, subprocess_env
 from scxtrimo.tl._checkpoint import TRAIN_STATE, load_train_state, save_train_state
 
 STEPS, SAVE_EVERY = 16, 2
@@ -130,9 +130,9 @@ def test_a_continued_run_resumed_from_its_config_keeps_the_pooling(pbmc3k, tmp_p
     small = pbmc3k[:60].copy()
     kw = dict(max_steps=2, batch_size=4, eval_every=0, eval_cells=4, decoder_zeros=32, progress=False,
               device="cpu", save_dir=tmp_path / "ck", save_every=1)
-    first, _ = scxtrimo.tl.pretrain(small, model="xtrimo-3m", **kw)
+    first, _ = scxtrimo.tl.pretrain(small, model=DEFAULT, **kw)
     assert first.metadata["pooling"] == "mean"
-    config = scxtrimo.models.load("xtrimo-3m").config
+    config = scxtrimo.models.load(DEFAULT).config
     resumed, _ = scxtrimo.tl.pretrain(small, config=config, resume=True, **kw)
     assert resumed.metadata["pooling"] == "mean" and resumed.default_pooling == "mean"
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in resumed.state_dict().items())
