@@ -1,5 +1,7 @@
 """Each plot rendered to PNG on real data, with its content checked."""
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,18 +73,25 @@ def test_embedding_umap_keeps_pca_results(bundled, pbmc3k, tmp_path):
 
 
 def test_recovery_panels(bundled, pbmc3k, tmp_path):
-    axes = scxtrimo.pl.recovery(pbmc3k[:8].copy(), model=bundled, n_cells=8, show=False, save=tmp_path / "rec.png")
+    """The bundled checkpoint on 6 real cells (its full-length decoder costs seconds per cell): the
+    masked values are recovered (the 3m: r = 0.774 here), in 4 sparsity groups."""
+    axes = scxtrimo.pl.recovery(pbmc3k[:6].copy(), model=bundled, n_cells=6, show=False, save=tmp_path / "rec.png")
     assert len(axes) == 2
-    assert axes[0].get_xlabel().startswith("true value") and "r = " in axes[0].get_title()
+    assert axes[0].get_xlabel().startswith("true value")
+    assert float(re.search(r"r = (-?[0-9.]+)", axes[0].get_title()).group(1)) > 0.6, axes[0].get_title()
     assert len(axes[1].get_lines()[0].get_xdata()) == 4
     _png_ok(tmp_path / "rec.png")
     plt.close("all")
-    moved = pbmc3k[:8].copy()
+
+
+def test_recovery_reads_the_counts_from_a_named_layer(tiny, pbmc3k):
+    axes = scxtrimo.pl.recovery(pbmc3k[:6].copy(), model=tiny, n_cells=6, show=False)
+    moved = pbmc3k[:6].copy()
     moved.layers["raw"], moved.X = moved.X.copy(), moved.X * 0  # the counts in a named layer: the same cells
     with pytest.raises(KeyError, match="layer='counts' is not in adata.layers"):
-        scxtrimo.pl.recovery(moved, model=bundled, n_cells=8, layer="counts", show=False)
-    same = scxtrimo.pl.recovery(moved, model=bundled, n_cells=8, layer="raw", show=False)
-    assert same[0].get_title() == axes[0].get_title()
+        scxtrimo.pl.recovery(moved, model=tiny, n_cells=6, layer="counts", show=False)
+    same = scxtrimo.pl.recovery(moved, model=tiny, n_cells=6, layer="raw", show=False)
+    assert same[0].get_title() == axes[0].get_title() and "r = " in same[0].get_title()
     plt.close("all")
 
 
@@ -183,21 +192,21 @@ def test_recovery_checks_its_input_and_leaves_the_model_as_it_was(tiny, pbmc3k):
     plt.close("all")
 
 
-def test_recovery_takes_the_data_first_and_the_older_order_with_a_warning(bundled, pbmc3k):
+def test_recovery_takes_the_data_first_and_the_older_order_with_a_warning(tiny, pbmc3k):
     """scanpy's convention, adata first; the 0.1.0 order (model, adata) gives the same figure."""
     small = pbmc3k[:6].copy()
-    new = scxtrimo.pl.recovery(small, model=bundled, n_cells=6, show=False)
+    new = scxtrimo.pl.recovery(small, model=tiny, n_cells=6, show=False)
     with pytest.warns(FutureWarning, match=r"recovery\(adata, model=model\)"):
-        old = scxtrimo.pl.recovery(bundled, small, n_cells=6, show=False)
+        old = scxtrimo.pl.recovery(tiny, small, n_cells=6, show=False)
     assert new[0].get_title() == old[0].get_title() and "r = " in new[0].get_title()
     with pytest.warns(FutureWarning):
-        scxtrimo.pl.recovery(DEFAULT, small, n_cells=2, show=False)  # a checkpoint name first
+        scxtrimo.pl.recovery(DEFAULT, small, n_cells=1, show=False)  # a checkpoint name first
     with pytest.raises(TypeError, match="data first"):
-        scxtrimo.pl.recovery(small, bundled, n_cells=2, show=False)  # the model positional, second
+        scxtrimo.pl.recovery(small, tiny, n_cells=2, show=False)  # the model positional, second
     with pytest.raises(TypeError, match="data first"):
-        scxtrimo.pl.recovery(bundled, small, model=bundled, n_cells=2, show=False)
+        scxtrimo.pl.recovery(tiny, small, model=tiny, n_cells=2, show=False)
     with pytest.raises(TypeError, match="adata must be an AnnData"):
-        scxtrimo.pl.recovery(bundled, n_cells=2, show=False)
+        scxtrimo.pl.recovery(tiny, n_cells=2, show=False)
     assert list(small.obsm) == [] and "xtrimo" not in small.uns  # nothing written
     plt.close("all")
 

@@ -42,7 +42,6 @@ ADDED_FIELDS = {
 }
 
 
-
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
