@@ -130,6 +130,31 @@ def test_card_names_the_depth_thinning_per_segment():
     assert "by segment 50% / 80%" in mixed and "T = log10 of the real total" in mixed
 
 
+def test_publishing_another_architecture_makes_it_the_only_bundled_default():
+    """scripts/publish_default.py --name rewrites scxtrimo/_bundled.py: the new name is the default
+    and the only bundled checkpoint; republishing the default under its own name changes only
+    its hash; a GPU segment must be named for the card."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from publish_default import BUNDLED_PY, architecture_words, hardware_words, make_default
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    text = BUNDLED_PY.read_text()
+    new = {}
+    exec(make_default(text, "xtrimo-10m", "ab" * 32), new)
+    assert new["DEFAULT_CHECKPOINT"] == "xtrimo-10m" and new["BUNDLED"] == {"xtrimo-10m": "ab" * 32}
+    assert make_default(text, DEFAULT, _io.BUNDLED[DEFAULT]) == text
+    with pytest.raises(ValueError, match="edit it by hand"):
+        make_default("BUNDLED = {}\n", "xtrimo-10m", "ab" * 32)
+    words = architecture_words(scxtrimo.models.CONFIGS["xtrimo-10m"])
+    assert words.startswith("xTrimoGene-10M (appendix Table 2): encoder 4 layers / 8 heads / 256 wide")
+    assert "4x width in the encoder, 2x in the decoder" in words
+    with pytest.raises(SystemExit, match="--hardware"):
+        hardware_words([{"device": "cpu"}, {"device": "cuda"}], None)
+    assert hardware_words([{"device": "cuda"}], "one NVIDIA H200, bf16") == "one NVIDIA H200, bf16"
+    assert hardware_words([{}, {"device": "cpu"}], None).startswith("CPU only")
+
+
 def test_save_keeps_the_models_metadata(pbmc3k, tmp_path):
     bundled = load(DEFAULT)
     loaded = load(bundled.save(tmp_path / "ck"))
