@@ -209,12 +209,12 @@ def main() -> None:
     folder = model.save(CHECKPOINTS / args.name, dtype=torch.float16, metadata=meta)
     digest = _io.sha256_file(folder / "model.safetensors")
     BUNDLED_PY.write_text(make_default(BUNDLED_PY.read_text(), args.name, digest))
+    _io.BUNDLED[args.name] = digest
+    bundled = scxtrimo.models.load(args.name)  # strict and hash-checked, before the previous default goes
     if previous != args.name:
         shutil.rmtree(CHECKPOINTS / previous)
         CARDS_PAGE.write_text(CARDS_PAGE.read_text().replace(f"checkpoints/{previous}/", f"checkpoints/{args.name}/"))
         _io.BUNDLED.pop(previous)
-    _io.BUNDLED[args.name] = digest
-    bundled = scxtrimo.models.load(args.name)
     cfg = bundled.config
 
     adata = scxtrimo.datasets.pbmc3k()
