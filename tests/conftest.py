@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: weights loaded), for tests that hold for whichever checkpoint is the default: its embedding
 #: is ``DEFAULT_CONFIG.enc_dim`` wide, and it has depth tokens if ``DEFAULT_CONFIG.depth_tokens``.
 DEFAULT = scxtrimo.models.DEFAULT_CHECKPOINT
-DEFAULT_CONFIG = _io.read_config(_io._bundled_dir(DEFAULT) / _io.CONFIG_FILE)[0]
+DEFAULT_CONFIG = _io.read_config(_io.resolve(DEFAULT)[0] / _io.CONFIG_FILE)[0]
 
 
 def shared_data_dir() -> Path:
