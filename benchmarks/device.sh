@@ -6,13 +6,16 @@
 #
 #   run(command="bash benchmarks/device.sh", carry=[".whl", "runs/corpus.xtc"], timeout_s=480)
 #
-# The pretraining run of scripts/train_device.py with the same set-up (first in a device session):
+# The pretraining run of scripts/train_device.py with the same set-up (first in a device session;
+# the whole argument list is in docs/benchmarks.md, "The next training call"):
 #
-#   run(command="bash benchmarks/device.sh train --minutes 6 --init runs/init-10m ...",
-#       carry=[".whl", "runs/corpus.xtc", "runs/init-10m", "runs/eval_sets.npz"], timeout_s=510)
+#   run(command="bash benchmarks/device.sh train --minutes 6.5 --init runs/init-10m ...",
+#       carry=[".whl", "runs/corpus.xtc", "runs/init-10m", "runs/eval_sets.npz"], timeout_s=600)
 #
+# `bash benchmarks/device_prepare.sh` builds everything in that carry that is missing here
+# (runs/ and .whl/ are git-ignored: a new checkout has none of them; about 9 minutes).
 # (runs/init-10m: `python scripts/train_device.py init --corpus runs/corpus.xtc --config xtrimo-10m
-# --depth-tokens --out runs/init-10m` here first: the co-expression gene embedding, off the device clock;
+# --depth-tokens --out runs/init-10m`: the co-expression gene embedding, off the device clock;
 # runs/eval_sets.npz: `python benchmarks/device_eval.py pack`, the embedding benchmark's cells as rows
 # of the corpus. With it the call also scores the trained checkpoint there (benchmarks/device_eval.py:
 # held-out masked recovery and the benchmark embeddings, fp32 and bf16, in eq_embeddings-1/2.npz and
@@ -23,7 +26,7 @@
 # `SMOKE=1 OUT=/tmp/t bash benchmarks/device.sh train --device cpu --minutes 0.2 ...` runs it all here.
 #
 # and at once after it (a session has 900 device seconds, start-up included) the figures call
-# with what is left, timeout_s=360 (its last step, DDP, only runs on several GPUs; each step
+# with what is left, timeout_s=300 (its last step, DDP, only runs on several GPUs; each step
 # writes its files as it goes, so a call cut short still returns the figures it made).
 #
 # CPU smoke check of every code path at tiny sizes (any machine, a few minutes on 2 cores):
